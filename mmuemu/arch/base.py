@@ -1,0 +1,307 @@
+"""The generic architecture layer: what ``include/linux/pgtable.h`` gives every architecture.
+
+An architecture backend is a subclass of :class:`Arch`.  It must provide the PTE encoding
+(the ``pte_*`` transforms and predicates, all vectorised over ``uint64`` arrays) and may
+override the generic helpers exactly where its kernel overrides them.  The generic helpers
+below are the kernel's plain loops (``set_ptes`` writes ``nr`` entries advancing the PFN,
+``wrprotect_ptes`` is ``nr`` times ``ptep_set_wrprotect``, ``pte_batch_hint`` is 1); here a
+"loop" runs over many runs of entries at once as numpy operations, and counts what the
+kernel loop would have done.
+
+Helpers take the flat entry store of all page tables (``store``), flat indices into it, an
+:class:`~mmuemu.mm.work.Ops` to count into and, optionally, the item of work each run
+belongs to (``items``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mmuemu.runs import expand_runs
+
+if TYPE_CHECKING:
+    from mmuemu.mm.work import Ops
+
+__all__ = ["U64", "Arch", "Prot"]
+
+U64 = NDArray[np.uint64]
+I64 = NDArray[np.int64]
+
+
+def _u(x: int) -> np.uint64:
+    return np.uint64(x)
+
+
+class Prot:
+    """Access rights of a mapping, as the kernel's VM_READ/VM_WRITE/VM_EXEC/VM_SHARED."""
+
+    __slots__ = ("exec", "read", "shared", "write")
+
+    def __init__(self, read: bool, write: bool, exec: bool, shared: bool) -> None:
+        self.read, self.write, self.exec, self.shared = read, write, exec, shared
+
+
+class Arch:
+    """Generic helpers and geometry; backends subclass and override.
+
+    Geometry: 4 KiB pages, 512 entries per table, 4 levels (PGD, PUD, PMD, PTE) and a 48-bit
+    virtual address space unless a backend says otherwise.
+    """
+
+    name: ClassVar[str] = "generic"
+    page_shift: ClassVar[int] = 12
+    table_bits: ClassVar[int] = 9
+    levels: ClassVar[int] = 4
+    va_bits: ClassVar[int] = 48
+    #: entries per contiguous block the hardware can cache as one TLB entry (1: none)
+    cont_ptes: ClassVar[int] = 1
+    #: anon folio orders the fault path may allocate (PMD order maps with a PMD leaf)
+    max_folio_order: ClassVar[int] = 10
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"unknown {self.name} options: {', '.join(sorted(options))}")
+
+    # ---------------------------------------------------------------- geometry
+    @property
+    def page_size(self) -> int:
+        return 1 << self.page_shift
+
+    @property
+    def ptrs_per_table(self) -> int:
+        return 1 << self.table_bits
+
+    @property
+    def pmd_shift(self) -> int:
+        return self.page_shift + self.table_bits
+
+    @property
+    def pmd_order(self) -> int:
+        return self.table_bits
+
+    def level_shift(self, level: int) -> int:
+        """Shift of the address bits indexing ``level`` (0 = PGD ... levels-1 = PTE)."""
+        return self.page_shift + self.table_bits * (self.levels - 1 - level)
+
+    # ---------------------------------------------------------------- encoding (backends)
+    def vm_get_page_prot(self, prot: Prot) -> int:
+        """Mirrors: mm/mmap.c vm_get_page_prot (the protection_map lookup)."""
+        raise NotImplementedError
+
+    def pfn_pte(self, pfn: I64, prot: int) -> U64:
+        raise NotImplementedError
+
+    def pte_pfn(self, pte: U64) -> I64:
+        raise NotImplementedError
+
+    def pte_present(self, pte: U64) -> NDArray[np.bool_]:
+        raise NotImplementedError
+
+    def pte_none(self, pte: U64) -> NDArray[np.bool_]:
+        return pte == 0
+
+    def pte_write(self, pte: U64) -> NDArray[np.bool_]:
+        raise NotImplementedError
+
+    def pte_dirty(self, pte: U64) -> NDArray[np.bool_]:
+        raise NotImplementedError
+
+    def pte_young(self, pte: U64) -> NDArray[np.bool_]:
+        raise NotImplementedError
+
+    def pte_special(self, pte: U64) -> NDArray[np.bool_]:
+        raise NotImplementedError
+
+    def pte_uffd_wp(self, pte: U64) -> NDArray[np.bool_]:
+        raise NotImplementedError
+
+    def pte_soft_dirty(self, pte: U64) -> NDArray[np.bool_]:
+        raise NotImplementedError
+
+    def pte_cont(self, pte: U64) -> NDArray[np.bool_]:
+        return np.zeros(np.shape(pte), dtype=bool)
+
+    def pte_wrprotect(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_mkwrite(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_mkclean(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_mkdirty(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_mkold(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_mkyoung(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_mkspecial(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_clear_uffd_wp(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_clear_soft_dirty(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_modify(self, pte: U64, prot: int) -> U64:
+        """Mirrors: pte_modify: keep the PFN and the page's own bits, take the new protection."""
+        raise NotImplementedError
+
+    def pte_advance_pfn(self, pte: U64, nr: I64 | int) -> U64:
+        """Mirrors: include/linux/pgtable.h pte_advance_pfn (``pte + (nr << PFN_PTE_SHIFT)``)."""
+        return pte + (np.asarray(nr, dtype=np.uint64) << _u(self.page_shift))
+
+    def pte_same_bits(self, pte: U64) -> U64:
+        """The entry with its PFN removed, for comparing two entries' attributes."""
+        raise NotImplementedError
+
+    # table entries and PMD leaves
+    def mk_table(self, pfn: I64) -> U64:
+        """An upper-level entry pointing at the table page ``pfn``."""
+        raise NotImplementedError
+
+    def table_pfn(self, entry: U64) -> I64:
+        raise NotImplementedError
+
+    def pmd_leaf(self, pmd: U64) -> NDArray[np.bool_]:
+        """Mirrors: pmd_leaf / pmd_trans_huge: the entry maps a huge page itself."""
+        raise NotImplementedError
+
+    def pmd_to_pte(self, pmd: U64) -> U64:
+        """A PMD leaf seen as a PTE of its first page (so the pte_* helpers apply)."""
+        raise NotImplementedError
+
+    def pte_to_pmd(self, pte: U64) -> U64:
+        """Mirrors: pmd_mkhuge: the leaf PMD with the attributes of ``pte``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- generic helpers
+    def ptep_get(self, store: U64, idx: I64, ops: Ops, items: Any = None) -> U64:
+        """Mirrors: include/linux/pgtable.h ptep_get (READ_ONCE)."""
+        ops.add("pte_reads", 1 if items is not None else len(idx), items)
+        return store[idx]
+
+    def pte_batch_hint(self, store: U64, idx: I64, pte: U64) -> I64:
+        """Mirrors: include/linux/pgtable.h pte_batch_hint (1 unless overridden)."""
+        return np.ones(len(idx), dtype=np.int64)
+
+    def set_ptes(self, mm: Any, store: U64, start: I64, pte: U64, nr: I64, ops: Ops,
+                 items: Any = None) -> None:
+        """Mirrors: include/linux/pgtable.h set_ptes: nr stores, advancing the PFN.
+
+        Contract as the kernel's: for nr > 1 the targets are not present and map one folio.
+        """
+        flat, off = expand_runs(start, nr)
+        store[flat] = self.pte_advance_pfn(np.repeat(pte, nr), off)
+        ops.add("pte_writes", nr, items)
+
+    def wrprotect_ptes(self, mm: Any, store: U64, start: I64, nr: I64, ops: Ops,
+                       items: Any = None) -> None:
+        """Mirrors: include/linux/pgtable.h wrprotect_ptes: a loop of ptep_set_wrprotect."""
+        flat, _ = expand_runs(start, nr)
+        self._set_wrprotect(store, flat)
+        ops.add("ptes_wrprotected", nr, items)
+        ops.add("pte_atomics", nr, items)
+
+    def ptep_set_wrprotect(self, mm: Any, store: U64, idx: I64, ops: Ops, items: Any = None) -> None:
+        """Mirrors: ptep_set_wrprotect (wrprotect_ptes with nr == 1)."""
+        self.wrprotect_ptes(mm, store, idx, np.ones(len(idx), dtype=np.int64), ops, items)
+
+    def _set_wrprotect(self, store: U64, flat: I64) -> None:
+        store[flat] = self.pte_wrprotect(store[flat])
+
+    def get_and_clear_full_ptes(self, mm: Any, store: U64, start: I64, nr: I64, full: bool,
+                                ops: Ops, items: Any = None) -> U64:
+        """Mirrors: include/linux/pgtable.h get_and_clear_full_ptes.
+
+        Returns, per run, the first entry with the dirty and young bits of all its entries
+        ORed in.
+        """
+        flat, off = expand_runs(start, nr)
+        old = store[flat]
+        store[flat] = 0
+        ops.add("pte_clears", nr, items)
+        return self._gather_young_dirty(old, off, nr)
+
+    def clear_full_ptes(self, mm: Any, store: U64, start: I64, nr: I64, full: bool, ops: Ops,
+                        items: Any = None) -> None:
+        """Mirrors: include/linux/pgtable.h clear_full_ptes."""
+        flat, _ = expand_runs(start, nr)
+        store[flat] = 0
+        ops.add("pte_clears", nr, items)
+
+    def _gather_young_dirty(self, old: U64, off: I64, nr: I64) -> U64:
+        first_pos = np.flatnonzero(off == 0)
+        first = old[first_pos].copy()
+        if len(old) == len(first):
+            return first
+        run = np.repeat(np.arange(len(nr)), nr)
+        dirty = np.zeros(len(nr), dtype=bool)
+        young = np.zeros(len(nr), dtype=bool)
+        np.logical_or.at(dirty, run, self.pte_dirty(old))
+        np.logical_or.at(young, run, self.pte_young(old))
+        first = np.where(dirty, self.pte_mkdirty(first), first)
+        return np.where(young, self.pte_mkyoung(first), first)
+
+    def ptep_get_and_clear(self, mm: Any, store: U64, idx: I64, ops: Ops, items: Any = None) -> U64:
+        """Mirrors: ptep_get_and_clear (an atomic exchange with 0)."""
+        old = store[idx].copy()
+        store[idx] = 0
+        ops.add("pte_clears", len(idx), items)
+        ops.add("pte_atomics", len(idx), items)
+        return old
+
+    def ptep_set_access_flags(self, mm: Any, store: U64, idx: I64, entry: U64, ops: Ops,
+                              items: Any = None) -> None:
+        """Mirrors: ptep_set_access_flags: widen young/dirty/write on a present entry."""
+        store[idx] = entry
+        ops.add("pte_writes", len(idx), items)
+
+    def modify_prot_ptes(self, mm: Any, store: U64, idx: I64, prot: int, writable: NDArray[np.bool_],
+                         ops: Ops) -> None:
+        """Mirrors: mm/mprotect.c change_pte_range's per-entry
+        ptep_modify_prot_start / pte_modify / ptep_modify_prot_commit."""
+        old = self.ptep_get_and_clear(mm, store, idx, ops)
+        new = self.pte_modify(old, prot)
+        new = np.where(writable, self.pte_mkwrite(new), new)
+        store[idx] = new
+        ops.add("pte_writes", len(idx))
+
+    # ---------------------------------------------------------------- TLB maintenance
+    def flush_tlb_mm(self, mm: Any, ops: Ops, cpu: int = 0) -> None:
+        """Mirrors: flush_tlb_mm (backends override)."""
+        ops.add("tlb_flush_mm", 1)
+
+    def flush_tlb_range(self, mm: Any, start: int, end: int, ops: Ops, cpu: int = 0) -> None:
+        """Mirrors: flush_tlb_range (backends override)."""
+        ops.add("tlb_flush_range", 1)
+
+    def flush_tlb_page(self, mm: Any, addr: int, ops: Ops, cpu: int = 0) -> None:
+        """Mirrors: flush_tlb_page."""
+        self.flush_tlb_range(mm, addr, addr + self.page_size, ops, cpu)
+
+    # ---------------------------------------------------------------- decoding for humans
+    def describe(self, pte: int) -> dict[str, Any]:
+        """Decode one entry into the fields of :class:`mmuemu.PteInfo`."""
+        v = np.array([pte], dtype=np.uint64)
+        present = bool(self.pte_present(v)[0])
+        return {
+            "present": present,
+            "pfn": int(self.pte_pfn(v)[0]) if pte else 0,
+            "write": bool(self.pte_write(v)[0]),
+            "dirty": bool(self.pte_dirty(v)[0]),
+            "young": bool(self.pte_young(v)[0]),
+            "cont": bool(self.pte_cont(v)[0]),
+            "special": bool(self.pte_special(v)[0]),
+            "uffd_wp": bool(self.pte_uffd_wp(v)[0]),
+            "soft_dirty": bool(self.pte_soft_dirty(v)[0]),
+            "raw": int(pte),
+        }

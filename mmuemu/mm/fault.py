@@ -1,0 +1,514 @@
+"""Page faults over a range: what touching every page of [start, end) does, vectorised.
+
+Mirrors: mm/memory.c handle_mm_fault for each page in address order (do_anonymous_page with
+alloc_anon_folio's order fallback, do_huge_pmd_anonymous_page, do_read_fault/do_cow_fault/
+do_shared_fault for files, do_wp_page with reuse or wp_page_copy, FAULT_FLAG_UNSHARE), plus
+the hardware setting Accessed/Dirty on entries that do not fault.
+
+Pages are handled as the sequential loop would, but a whole range at a time: a block of
+order k is allocated iff it lies in the VMA, all its PTEs are none once the larger orders
+are placed, and it holds a page of the range (the first touch of a page in it would
+allocate it, and nothing else can change it first).
+
+Every allocation happens before any entry is written, so OutOfMemory leaves the machine as
+it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mmuemu.errors import OutOfMemory, SegmentationFault
+from mmuemu.mm.huge_memory import split_huge_pmds
+from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
+from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED, ZERO_PFN
+from mmuemu.mm.vma import AnonVma, Vma, VmFlag
+from mmuemu.mm.work import Ops, Work
+from mmuemu.runs import expand_runs
+
+__all__ = ["check_access", "fault_range", "populate_tables"]
+
+I64 = NDArray[np.int64]
+PAGE = 4096
+
+
+def check_access(mm: Mm, start: int, end: int, write: bool) -> list[Vma]:
+    """The VMAs covering [start, end), or SegmentationFault for the first page no VMA allows.
+
+    Mirrors: lock_mm_and_find_vma + access_error.
+    """
+    vmas = mm.vmas.overlapping(start, end)
+    addr = start
+    for v in vmas:
+        if v.start > addr:
+            break
+        need = VmFlag.WRITE if write else VmFlag.READ
+        if not v.flags & need:
+            kind = "write to" if write else "read from"
+            raise SegmentationFault(
+                f"{kind} {addr:#x}: the mapping [{v.start:#x}, {v.end:#x}) does not allow it "
+                f"(prot {_prot_str(v.flags)})"
+            )
+        addr = v.end
+        if addr >= end:
+            return vmas
+    raise SegmentationFault(f"access at {addr:#x}: no mapping there (SIGSEGV)")
+
+
+def _prot_str(flags: VmFlag) -> str:
+    s = "".join(c for c, f in (("r", VmFlag.READ), ("w", VmFlag.WRITE), ("x", VmFlag.EXEC)) if flags & f)
+    return s or "none"
+
+
+class _Undo:
+    """Allocations made while planning, released if a later allocation fails."""
+
+    def __init__(self, k: Kernel) -> None:
+        self.k = k
+        self.folios: list[I64] = []
+        self.tables: list[tuple[int, int]] = []
+        self.rows: list[I64] = []  # tables allocated but not linked yet
+        self.hooks: list[Any] = []
+
+    def rollback(self) -> None:
+        for hook in self.hooks:
+            hook()
+        for rows in self.rows:
+            self.k.pt.free(rows)
+        for heads in self.folios:
+            self.k.phys.ref_sub_and_free(heads, self.k.phys.refcount[heads])
+        for parent_flat, row in reversed(self.tables):
+            self.k.pt.flat[parent_flat] = 0
+            self.k.pt.free(np.array([row]))
+
+
+def populate_tables(k: Kernel, mm: Mm, start: int, end: int, undo: Any = None) -> tuple[I64, I64]:
+    """PMD slots over [start, end), with upper tables allocated: (va, pmd flat index)."""
+    rows: list[int] = []
+    try:
+        slots = k.pt.pmd_slots(mm.pgd_row, start, end, alloc=True, new_rows=rows)
+    finally:
+        if undo is not None:
+            undo.tables.extend(_parents(k, rows))
+    return slots.va, slots.flat
+
+
+def _parents(k: Kernel, rows: list[int]) -> list[tuple[int, int]]:
+    """(flat index of the entry pointing at each new table, table row)."""
+    out = []
+    for r in rows:
+        want = k.arch.mk_table(np.int64(k.pt.row_pfn[r]))
+        hit = np.flatnonzero(k.pt.flat == want)
+        out.append((int(hit[0]), r))
+    return out
+
+
+def fault_range(k: Kernel, mm: Mm, start: int, end: int, *, write: bool,
+                unshare: bool = False) -> Generator[Work, Any, None]:
+    """Touch every page of [start, end) for reading or writing (``unshare``: the
+    FAULT_FLAG_UNSHARE of a R/O longterm pin)."""
+    vmas = check_access(mm, start, end, write)
+    ops = Ops()
+    undo = _Undo(k)
+    plans = []
+    try:
+        for v in vmas:
+            plans.append(_plan_vma(k, mm, v, max(start, v.start), min(end, v.end), write, unshare, ops, undo))
+    except OutOfMemory:
+        undo.rollback()
+        raise
+    for plan in plans:
+        plan()
+    yield Work("handle_mm_fault", ops)
+
+
+def _pte_index(k: Kernel, rows: I64, va: I64, start: int, end: int) -> tuple[I64, I64]:
+    """Flat indices and addresses of the PTEs for the pages of [start, end) in these tables."""
+    a = k.arch
+    n = a.ptrs_per_table
+    size = PAGE * n
+    lo = np.maximum(va, start)
+    hi = np.minimum(va + size, end)
+    first = (lo - va) >> 12
+    cnt = (hi - lo) >> 12
+    idx, off = expand_runs(rows * n + first, cnt)
+    addrs = np.repeat(lo, cnt) + (off << 12)
+    return idx, addrs
+
+
+def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare: bool,
+              ops: Ops, undo: _Undo) -> Any:
+    """Allocate what faulting [s, e) of ``vma`` needs; return the step that maps it."""
+    a, ph, pt = k.arch, k.phys, k.pt
+    n = a.ptrs_per_table
+    pmd_size = PAGE * n
+    anon_private = vma.is_anonymous and not vma.flags & VmFlag.SHARED
+    prot = a.vm_get_page_prot(vma.prot)
+    orders = _orders(mm, vma)
+    va, pmd_flat = populate_tables(k, mm, s, e, undo)
+    pmd = pt.flat[pmd_flat]
+    leaf = a.pmd_leaf(pmd)
+
+    # ---- PMD level: THP allocation on none PMDs, wp on leaves
+    thp_heads = np.zeros(0, np.int64)
+    thp_slots = np.zeros(0, np.int64)
+    if write and anon_private and a.pmd_order in orders:
+        cand = (pmd == 0) & (va >= vma.start) & (va + pmd_size <= vma.end)
+        thp_slots = np.flatnonzero(cand)
+        if len(thp_slots):
+            thp_heads = _alloc_some(ph, a.pmd_order, len(thp_slots), undo)
+            thp_slots = thp_slots[: len(thp_heads)]
+            deposit = pt.alloc(len(thp_heads), 3)
+            undo.rows.append(deposit)
+    leaf_split = np.zeros(0, np.int64)
+    leaf_wp_reuse = np.zeros(0, np.int64)
+    if write and leaf.any():
+        lv = a.pmd_to_pte(pmd[leaf])
+        needs = ~a.pte_write(lv)
+        heads = a.pte_pfn(lv)
+        reuse = ph.anon_exclusive[heads] | (ph.refcount[heads] == 1)
+        reuse &= (ph.flags[heads] & F_ANON) != 0
+        li = np.flatnonzero(leaf)
+        leaf_wp_reuse = li[needs & reuse]
+        leaf_split = li[needs & ~reuse]
+
+    # ---- PTE level: tables for every non-leaf slot that is not getting a THP
+    pte_slot = ~leaf
+    if len(thp_slots):
+        pte_slot[thp_slots] = False
+    pte_slot[leaf_split] = True
+    need_table = pte_slot & (pmd == 0)
+    if need_table.any():
+        new = pt.alloc(int(need_table.sum()), 3)
+        undo.rows.append(new)  # linked into the PMDs only in the apply step
+        table_rows = np.full(len(va), -1, dtype=np.int64)
+        table_rows[need_table] = new
+    else:
+        new = np.zeros(0, np.int64)
+        table_rows = np.full(len(va), -1, dtype=np.int64)
+    exist = pte_slot & (pmd != 0) & ~leaf
+    table_rows[exist] = pt.rows_of(pmd[exist])
+    split_rows = np.array([mm.deposit.get(int(f), -1) for f in pmd_flat[leaf_split]], dtype=np.int64)
+    table_rows[leaf_split] = split_rows
+
+    sl = np.flatnonzero(pte_slot)
+    idx, addrs = _pte_index(k, table_rows[sl], va[sl], s, e)
+    # values as they will be once leaves are split (split tables are filled in apply)
+    vals = pt.flat[idx]
+    if len(leaf_split):
+        o = np.argsort(split_rows)
+        srow, sval = split_rows[o], a.pmd_to_pte(pmd[leaf_split])[o]
+        r = idx // n
+        pos = np.minimum(np.searchsorted(srow, r), len(srow) - 1)
+        sp = srow[pos] == r
+        vals[sp] = a.pte_advance_pfn(sval[pos[sp]], idx[sp] % n)
+    none = vals == 0
+    present = a.pte_present(vals)
+    pfn = a.pte_pfn(vals)
+
+    # ---- decide per page
+    if vma.is_anonymous and not vma.flags & VmFlag.SHARED:
+        if write:
+            alloc_pages = none
+        else:
+            alloc_pages = np.zeros(len(vals), bool)
+        zero_pages = none & ~write
+        file_pages = np.zeros(len(vals), bool)
+        cow_new = np.zeros(len(vals), bool)
+    else:
+        alloc_pages = np.zeros(len(vals), bool)
+        zero_pages = np.zeros(len(vals), bool)
+        shared = bool(vma.flags & VmFlag.SHARED)
+        cow_new = none & write & (not shared)
+        file_pages = none & ~cow_new
+
+    normal = present & ~a.pte_special(vals)
+    heads = np.where(normal, ph.head[np.where(normal, pfn, 0)], 0)
+    is_anon = normal & ((ph.flags[heads] & F_ANON) != 0)
+    wp = np.zeros(len(vals), bool)
+    if (write or unshare) and present.any():
+        if write:
+            wp = present & ~a.pte_write(vals)
+        else:  # unshare: only anon pages not known exclusive
+            wp = is_anon & ~ph.anon_exclusive[np.where(normal, pfn, 0)]
+    if vma.flags & VmFlag.SHARED:
+        reuse = wp  # wp_page_shared: the page itself becomes writable
+    else:
+        small = ph.order[heads] == 0
+        reuse = wp & is_anon & (ph.anon_exclusive[pfn] | (small & (ph.refcount[heads] == 1)))
+    copy = wp & ~reuse
+
+    # ---- allocate: anon folios by order, zero-fill/copy targets, page cache pages
+    new_folios: list[tuple[int, I64, I64]] = []  # (order, heads, flat index of first pte)
+    if alloc_pages.any():
+        new_folios = _alloc_anon(k, vma, orders, table_rows, sl, va, idx, alloc_pages, undo)
+    copy_new = np.zeros(0, np.int64)
+    cow_targets = copy | cow_new
+    if cow_targets.any():
+        copy_new = _alloc(ph, 0, int(cow_targets.sum()), F_ANON | F_SWAPBACKED, undo)
+    cache = np.zeros(0, np.int64)
+    if (file_pages | cow_new).any():
+        cache = _pagecache(k, vma, addrs[file_pages | cow_new], undo)
+
+    def apply() -> None:
+        flat = pt.flat
+        if len(new):
+            flat[pmd_flat[need_table]] = a.mk_table(pt.row_pfn[new])
+        split_huge_pmds(k, mm, pmd_flat[leaf_split], ops)
+        flat = pt.flat
+        if len(thp_heads):
+            _map_thp(k, mm, vma, pmd_flat[thp_slots], thp_heads, deposit, prot, ops)
+        if len(leaf_wp_reuse):
+            lf = pmd_flat[leaf_wp_reuse]
+            lv = a.pmd_to_pte(flat[lf])
+            h = a.pte_pfn(lv)
+            ph.anon_exclusive[h] = True
+            flat[lf] = a.pte_to_pmd(a.pte_mkyoung(a.pte_mkdirty(a.pte_mkwrite(lv))))
+            ops.add("page_faults", len(lf))
+            ops.add("cow_reuses", len(lf))
+        cur = flat[idx]
+        # hardware A/D on entries that do not fault
+        touch = present & ~wp
+        if touch.any():
+            t = cur[touch]
+            t = a.pte_mkyoung(t)
+            if write:
+                t = a.pte_mkdirty(t)
+            flat[idx[touch]] = t
+        if zero_pages.any():
+            z = a.pte_mkspecial(a.pfn_pte(np.full(int(zero_pages.sum()), ZERO_PFN), prot))
+            flat[idx[zero_pages]] = z
+            ops.add("page_faults", len(z))
+            ops.add("pte_writes", len(z))
+        for order, fheads, first in new_folios:
+            _map_new_anon(k, mm, vma, fheads, order, first, prot, ops)
+        if reuse.any():
+            _wp_reuse(k, mm, vma, idx[reuse], cur[reuse], pfn[reuse], unshare and not write, ops)
+        if cow_targets.any():
+            src = np.where(copy, pfn, 0)
+            ci = np.flatnonzero(cow_targets)
+            fidx = np.flatnonzero(file_pages | cow_new)
+            if cow_new.any():
+                cache_of = np.zeros(len(vals), np.int64)
+                cache_of[fidx] = cache
+                src[cow_new] = cache_of[cow_new]
+            _wp_copy(k, mm, vma, idx[ci], cur[ci], src[ci], copy[ci], addrs[ci], copy_new, prot,
+                     write, ops)
+        if file_pages.any():
+            cache_of = np.zeros(len(vals), np.int64)
+            cache_of[np.flatnonzero(file_pages | cow_new)] = cache
+            _map_file(k, mm, vma, idx[file_pages], cache_of[file_pages], prot, write, ops)
+
+    return apply
+
+
+def _orders(mm: Mm, vma: Vma) -> tuple[int, ...]:
+    if vma.flags & VmFlag.NOHUGEPAGE or not vma.is_anonymous:
+        return (0,)
+    return mm.folio_orders
+
+
+def _alloc_some(ph: Any, order: int, n: int, undo: _Undo) -> I64:
+    """Up to ``n`` folios of a large ``order``; fewer (maybe none) when memory is short.
+
+    Mirrors: alloc_anon_folio trying an order and falling back on failure.
+    """
+    try:
+        return _alloc(ph, order, min(n, ph.available(order)), F_ANON | F_SWAPBACKED, undo)
+    except OutOfMemory:
+        return np.zeros(0, np.int64)
+
+
+def _alloc(ph: Any, order: int, n: int, flags: Any, undo: _Undo) -> I64:
+    heads = ph.new_folios(order, n, flags)
+    undo.folios.append(heads)
+    return heads
+
+
+def _alloc_anon(k: Kernel, vma: Vma, orders: tuple[int, ...], table_rows: I64, sl: I64, va: I64,
+                idx: I64, alloc_pages: NDArray[np.bool_], undo: _Undo) -> list[tuple[int, I64, I64]]:
+    """Place anon folios over the none PTEs the range touches (alloc_anon_folio's fallback).
+
+    Returns (order, heads, flat index of the first PTE) per order used.
+    """
+    a, ph, pt = k.arch, k.phys, k.pt
+    n = a.ptrs_per_table
+    out: list[tuple[int, I64, I64]] = []
+    # the tables involved, whole, so blocks can look at PTEs outside the range
+    rows = np.unique(idx[alloc_pages] // n)
+    srows = table_rows[sl]
+    o = np.argsort(srows)
+    slot_va = va[sl][o][np.searchsorted(srows[o], rows)]
+    tab = pt.entries[rows] == 0  # none, per table
+    touched = np.zeros(tab.shape, bool)
+    ti = np.searchsorted(rows, idx[alloc_pages] // n)
+    touched[ti, idx[alloc_pages] % n] = True
+    page_va = slot_va[:, None] + (np.arange(n, dtype=np.int64) << 12)[None, :]
+    inside = (page_va >= vma.start) & (page_va < vma.end)
+    free = tab & inside
+    for order in sorted((o for o in orders if o < a.pmd_order), reverse=True):
+        size = 1 << order
+        blocks_free = free.reshape(len(rows), n // size, size).all(axis=2)
+        blocks_touch = touched.reshape(len(rows), n // size, size).any(axis=2)
+        cand = np.argwhere(blocks_free & blocks_touch)
+        if not len(cand):
+            continue
+        if order:
+            heads = _alloc_some(ph, order, len(cand), undo)
+            cand = cand[: len(heads)]
+            if not len(heads):
+                continue
+        else:
+            heads = _alloc(ph, order, len(cand), F_ANON | F_SWAPBACKED, undo)
+        first = rows[cand[:, 0]] * n + cand[:, 1] * size
+        out.append((order, heads, first))
+        view = free.reshape(len(rows), n // size, size)
+        view[cand[:, 0], cand[:, 1], :] = False
+        tv = touched.reshape(len(rows), n // size, size)
+        tv[cand[:, 0], cand[:, 1], :] = False
+    return out
+
+
+def _map_new_anon(k: Kernel, mm: Mm, vma: Vma, heads: I64, order: int, first: I64, prot: int,
+                  ops: Ops) -> None:
+    """Mirrors: do_anonymous_page's tail: folio_add_new_anon_rmap (exclusive), set_ptes."""
+    a, ph = k.arch, k.phys
+    nr = 1 << order
+    pages, _ = expand_runs(heads, np.full(len(heads), nr, dtype=np.int64))
+    ph.mapcount[pages] = 1
+    ph.anon_exclusive[pages] = True
+    ph.refcount[heads] = nr
+    if order:
+        ph.large_mapcount[heads] = nr
+    pte = a.pfn_pte(heads, prot)
+    pte = a.pte_mkdirty(pte)
+    if vma.flags & VmFlag.WRITE:
+        pte = a.pte_mkwrite(pte)
+    a.set_ptes(mm, k.pt.flat, first, pte, np.full(len(heads), nr, dtype=np.int64), ops)
+    _anon_vma_prepare(vma)
+    mm.rss[MM_ANONPAGES] += len(pages)
+    ops.add("page_faults", len(heads))
+    ops.add("folio_allocs", len(heads))
+    ops.add("page_zeroes", len(pages))
+
+
+def _anon_vma_prepare(vma: Vma) -> None:
+    """Mirrors: anon_vma_prepare."""
+    if vma.anon_vma is None:
+        vma.anon_vma = AnonVma()
+
+
+def _map_thp(k: Kernel, mm: Mm, vma: Vma, pmd_flat: I64, heads: I64, deposit: I64, prot: int,
+             ops: Ops) -> None:
+    """Mirrors: __do_huge_pmd_anonymous_page: map a new THP with one PMD leaf."""
+    a, ph = k.arch, k.phys
+    ph.entire_mapcount[heads] = 1
+    ph.large_mapcount[heads] = 1
+    ph.anon_exclusive[heads] = True
+    pte = a.pte_mkdirty(a.pfn_pte(heads, prot))
+    if vma.flags & VmFlag.WRITE:
+        pte = a.pte_mkwrite(pte)
+    k.pt.flat[pmd_flat] = a.pte_to_pmd(pte)
+    for f, r in zip(pmd_flat.tolist(), deposit.tolist(), strict=True):
+        mm.deposit[f] = r
+    _anon_vma_prepare(vma)
+    mm.rss[MM_ANONPAGES] += len(heads) * a.ptrs_per_table
+    ops.add("page_faults", len(heads))
+    ops.add("folio_allocs", len(heads))
+    ops.add("page_zeroes", len(heads) * a.ptrs_per_table)
+
+
+def _wp_reuse(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], pfn: I64,
+              unshare_only: bool, ops: Ops) -> None:
+    """Mirrors: do_wp_page's reuse branch and wp_page_reuse (or wp_page_shared)."""
+    a, ph = k.arch, k.phys
+    if not vma.flags & VmFlag.SHARED:
+        ph.anon_exclusive[pfn] = True
+    ops.add("page_faults", len(idx))
+    ops.add("cow_reuses", len(idx))
+    if unshare_only:
+        return
+    new = a.pte_mkyoung(a.pte_mkdirty(a.pte_mkwrite(cur)))
+    a.ptep_set_access_flags(mm, k.pt.flat, idx, new, ops)
+
+
+def _wp_copy(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], src: I64,
+             was_mapped: NDArray[np.bool_], addrs: I64, new: I64, prot: int, write: bool,
+             ops: Ops) -> None:
+    """Mirrors: wp_page_copy (and do_cow_fault for private file pages not yet mapped)."""
+    a, ph = k.arch, k.phys
+    ph.token[new] = ph.token[src]
+    ph.mapcount[new] = 1
+    ph.anon_exclusive[new] = True
+    pte = a.pfn_pte(new, prot)
+    if write:
+        pte = a.pte_mkdirty(pte)
+        if vma.flags & VmFlag.WRITE:
+            pte = a.pte_mkwrite(pte)
+    # an unshare maps the copy read-only and clean (mmuemu does not carry soft-dirty/uffd-wp over)
+    mapped = idx[was_mapped]
+    if len(mapped):
+        old = a.ptep_get_and_clear(mm, k.pt.flat, mapped, ops)
+        for addr in addrs[was_mapped].tolist():
+            a.flush_tlb_page(mm, addr, ops, k.cpu)
+        opfn = a.pte_pfn(old)
+        normal = ~a.pte_special(old)
+        op = opfn[normal]
+        oh = ph.head[op].astype(np.int64)
+        ph.mapcount[op] -= 1
+        large = ph.order[oh] > 0
+        np.subtract.at(ph.large_mapcount, oh[large], 1)
+        anon = (ph.flags[oh] & F_ANON) != 0
+        shm = ~anon & ((ph.flags[oh] & F_SWAPBACKED) != 0)
+        mm.rss[MM_ANONPAGES] -= int(anon.sum())
+        mm.rss[MM_SHMEMPAGES] -= int(shm.sum())
+        mm.rss[MM_FILEPAGES] -= int((~anon & ~shm).sum())
+        freed = ph.ref_sub_and_free(oh, 1)
+        ops.add("folios_freed", freed)
+        ops.add("mapcount_ops", len(op))
+        ops.add("folio_ref_ops", len(op))
+    k.pt.flat[idx] = pte
+    _anon_vma_prepare(vma)
+    mm.rss[MM_ANONPAGES] += len(new)
+    ops.add("page_faults", len(idx))
+    ops.add("cow_copies", len(idx))
+    ops.add("page_copies", len(idx))
+    ops.add("pte_writes", len(idx))
+
+
+def _pagecache(k: Kernel, vma: Vma, addrs: I64, undo: _Undo) -> I64:
+    """Mirrors: filemap_fault / shmem_get_folio: the cached page for each address, allocating
+    (order 0, zero-filled) pages not yet cached."""
+    f = vma.file
+    assert f is not None
+    pg = np.asarray(vma.file_page(addrs), dtype=np.int64)
+    if (pg >= f.nr_pages).any():
+        bad = int(addrs[pg >= f.nr_pages][0])
+        raise SegmentationFault(f"access at {bad:#x} beyond the end of file {f.name!r} (SIGBUS)")
+    missing = np.unique(pg[f.pagecache[pg] == 0])
+    if len(missing):
+        flags = F_SWAPBACKED if f.swapbacked else np.uint8(0)
+        heads = _alloc(k.phys, 0, len(missing), flags, undo)
+        f.pagecache[missing] = heads
+        undo.hooks.append(lambda: f.pagecache.__setitem__(missing, 0))
+    return f.pagecache[pg]
+
+
+def _map_file(k: Kernel, mm: Mm, vma: Vma, idx: I64, pfns: I64, prot: int, write: bool, ops: Ops) -> None:
+    """Mirrors: finish_fault / set_pte_range for file pages (read, or shared write)."""
+    a, ph = k.arch, k.phys
+    pte = a.pfn_pte(pfns, prot)
+    if write:
+        pte = a.pte_mkdirty(pte)
+    k.pt.flat[idx] = pte
+    np.add.at(ph.mapcount, pfns, 1)
+    np.add.at(ph.refcount, pfns, 1)
+    shm = (ph.flags[pfns] & F_SWAPBACKED) != 0
+    mm.rss[MM_SHMEMPAGES] += int(shm.sum())
+    mm.rss[MM_FILEPAGES] += int((~shm).sum())
+    ops.add("page_faults", len(idx))
+    ops.add("pte_writes", len(idx))

@@ -1,0 +1,467 @@
+"""fork(): dup_mmap and the page-table copy, batched (v6.9) or legacy (per PTE).
+
+Mirrors: kernel/fork.c dup_mmap, mm/memory.c copy_page_range, copy_pmd_range,
+copy_pte_range, copy_present_ptes, folio_pte_batch (mm/internal.h) and
+mm/huge_memory.c copy_huge_pmd.
+
+The parent holds its mmap_lock for writing, so its page tables cannot change while they
+are copied: the whole copy of a VMA is planned in one pass over all its page tables (which
+entries form batches, which folios are maybe pinned, what every child entry becomes), every
+allocation is made, and only then is anything written.  The lock sections are then handed
+to the runner, item by item, with the positions of their resched checkpoints.
+
+Deliberate difference: the kernel allocates as it goes and leaves the parent's already
+write-protected entries behind when a later allocation fails; mmuemu allocates first, so a
+failed fork leaves the parent exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+from attrs import define
+from numpy.typing import NDArray
+
+from mmuemu.errors import InvalidArgument, OutOfMemory
+from mmuemu.mm.huge_memory import split_huge_pmds
+from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
+from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
+from mmuemu.mm.progress import checkpoints
+from mmuemu.mm.vma import AnonVma, Vma, VmFlag
+from mmuemu.mm.work import Ops, Work
+from mmuemu.runs import expand_runs
+
+__all__ = ["FORK_MODES", "dup_mmap"]
+
+FORK_MODES = ("batched", "legacy")
+I64 = NDArray[np.int64]
+B = NDArray[np.bool_]
+
+
+def vma_needs_copy(dst: Vma, src: Vma) -> bool:
+    """Mirrors: mm/memory.c vma_needs_copy (v6.9)."""
+    if dst.flags & VmFlag.UFFD_WP:
+        return True
+    if src.flags & (VmFlag.PFNMAP | VmFlag.MIXEDMAP):
+        return True
+    return src.anon_vma is not None
+
+
+def dup_mmap(k: Kernel, parent: Mm, mode: str | None = None) -> Generator[Work, Any, Mm]:
+    """Mirrors: kernel/fork.c dup_mmap: copy every VMA and its page tables into a new mm,
+    then flush the parent's TLB once."""
+    mode = mode or k.fork_mode
+    if mode not in FORK_MODES:
+        raise InvalidArgument(f"unknown fork mode {mode!r}; allowed: {', '.join(FORK_MODES)}")
+    child = k.new_mm()
+    child.folio_orders = parent.folio_orders
+    child.cpumask = {k.cpu}
+    copies: list[_VmaCopy] = []
+    try:
+        for src in parent.vmas:
+            if src.flags & VmFlag.DONTCOPY:
+                continue
+            dst = src.copy()
+            dst.flags &= ~VmFlag.UFFD_WP  # no UFFD_FEATURE_EVENT_FORK: dup_userfaultfd clears it
+            if src.flags & VmFlag.WIPEONFORK:
+                dst.anon_vma = None
+            elif src.anon_vma is not None:
+                dst.anon_vma = AnonVma()  # anon_vma_fork
+            child.vmas.insert(dst)
+            if src.flags & VmFlag.WIPEONFORK or not vma_needs_copy(dst, src):
+                continue
+            copies.append(_plan_vma(k, parent, child, src, dst, mode))
+    except OutOfMemory:
+        _discard(k, child, copies)
+        raise
+    for c in copies:
+        c.commit(k, parent, child)
+    for c in copies:
+        yield from c.works
+    ops = Ops()
+    k.arch.flush_tlb_mm(parent, ops, k.cpu)
+    ops.add("forks", 1)
+    yield Work("dup_mmap", ops)
+    return child
+
+
+def _discard(k: Kernel, child: Mm, copies: list[_VmaCopy]) -> None:
+    """Undo a fork that failed while planning: free every page the child got."""
+    for c in copies:
+        k.phys.ref_sub_and_free(c.copy_pages, 1) if len(c.copy_pages) else None
+        if len(c.deposit_rows):
+            k.pt.free(c.deposit_rows)
+    _free_all_tables(k, child)
+    del k.mms[child.id]
+
+
+def _free_all_tables(k: Kernel, mm: Mm) -> None:
+    rows: list[int] = []
+    level_rows = [mm.pgd_row]
+    for _level in range(k.arch.levels - 1):
+        nxt: list[int] = []
+        for r in level_rows:
+            e = k.pt.entries[r]
+            nz = e[e != 0]
+            if len(nz):
+                nxt.extend(k.pt.rows_of(nz).tolist())
+        rows.extend(level_rows)
+        level_rows = nxt
+    rows.extend(level_rows)
+    k.pt.free(np.array(rows, dtype=np.int64))
+
+
+@define(eq=False)
+class _VmaCopy:
+    """The planned copy of one VMA: allocations made, nothing written yet."""
+
+    src: Vma
+    dst: Vma
+    commit_steps: list[Any]
+    works: list[Work]
+    copy_pages: I64
+    deposit_rows: I64
+
+    def commit(self, k: Kernel, parent: Mm, child: Mm) -> None:
+        for step in self.commit_steps:
+            step()
+
+
+def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -> _VmaCopy:
+    """Mirrors: copy_page_range for one VMA (planning and allocation only)."""
+    a, pt, ph = k.arch, k.pt, k.phys
+    n = a.ptrs_per_table
+    slots = pt.pmd_slots(parent.pgd_row, src.start, src.end)
+    pmd = pt.flat[slots.flat]
+    live = pmd != 0
+    va, pflat, pmd = slots.va[live], slots.flat[live], pmd[live]
+    leaf = a.pmd_leaf(pmd)
+    copy = _VmaCopy(src, dst, [], [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if not len(va):
+        return copy
+
+    # ---- PMD leaves: copy_huge_pmd (anon only), pinned exclusive ones are split instead
+    thp = np.flatnonzero(leaf)
+    split = np.zeros(0, np.int64)
+    if len(thp):
+        heads = a.pte_pfn(a.pmd_to_pte(pmd[thp]))
+        if not src.is_anonymous:
+            thp = thp[:0]  # file THPs are refilled by faults
+            heads = heads[:0]
+        pinned = parent.has_pinned & (ph.pincount[heads] > 0) & ph.anon_exclusive[heads]
+        split = thp[pinned]
+        thp = thp[~pinned]
+
+    # ---- child tables for every slot we copy
+    copy_slot = np.zeros(len(va), bool)
+    copy_slot[~leaf] = True
+    copy_slot[split] = True
+    child_rows: list[int] = []
+    cslots = _child_slots(k, child, va[copy_slot | np.isin(np.arange(len(va)), thp)], child_rows)
+    cmap = dict(zip(cslots.va.tolist(), cslots.flat.tolist(), strict=True))
+    cflat_all = np.array([cmap.get(int(v), -1) for v in va], dtype=np.int64)
+    crow = np.full(len(va), -1, np.int64)
+    sel = np.flatnonzero(copy_slot)
+    if len(sel):
+        crow[sel] = pt.pte_alloc(cflat_all[sel])
+
+    # deposit tables for copied THPs (pte_alloc_one in copy_huge_pmd)
+    if len(thp):
+        copy.deposit_rows = pt.alloc(len(thp), 3)
+
+    # ---- PTE level: parent entries of every copied table, virtual for tables to split
+    prow = np.full(len(va), -1, np.int64)
+    normal_tab = copy_slot & ~leaf
+    prow[normal_tab] = pt.rows_of(pmd[normal_tab])
+    if len(split):
+        prow[split] = [parent.deposit[int(f)] for f in pflat[split]]
+    lo = np.maximum(va, src.start)
+    hi = np.minimum(va + (n << 12), src.end)
+    first = (lo - va) >> 12
+    cnt = np.where(copy_slot, (hi - lo) >> 12, 0)
+    pidx, off = expand_runs(prow * n + first, cnt)
+    cidx = np.repeat(crow * n + first, cnt) + off
+    addr = np.repeat(lo, cnt) + (off << 12)
+    tab = np.repeat(np.arange(len(va)), cnt)
+    vals = pt.flat[pidx]
+    if len(split):
+        is_split = np.isin(tab, split)
+        base = a.pmd_to_pte(pmd)
+        vals[is_split] = a.pte_advance_pfn(base[tab[is_split]], (pidx[is_split] % n))
+        ae_virtual = np.zeros(len(vals), bool)
+        h = a.pte_pfn(base[tab[is_split]])
+        ae_virtual[is_split] = ph.anon_exclusive[h]
+    else:
+        is_split = None
+        ae_virtual = None
+    plan = _plan_ptes(k, parent, src, dst, mode, vals, tab, addr, ae_virtual)
+    if plan.n_copy:
+        try:
+            copy.copy_pages = ph.new_folios(0, plan.n_copy, F_ANON | F_SWAPBACKED)
+        except OutOfMemory:
+            if len(copy.deposit_rows):
+                pt.free(copy.deposit_rows)
+                copy.deposit_rows = np.zeros(0, np.int64)
+            raise
+
+    def commit() -> None:
+        if len(split):
+            split_huge_pmds(k, parent, pflat[split], Ops())
+        if len(thp):
+            _copy_huge_pmds(k, child, dst, pflat[thp], cflat_all[thp], copy.deposit_rows, copy.works)
+        plan.commit(k, parent, child, pidx, cidx, copy.copy_pages, copy.works)
+
+    copy.commit_steps.append(commit)
+    return copy
+
+
+def _child_slots(k: Kernel, child: Mm, va: I64, new_rows: list[int]) -> Any:
+    """Child PMD entries for these slots, allocating upper tables per 1 GiB group."""
+    from mmuemu.mm.pagetable import PmdSlots
+
+    a = k.arch
+    if not len(va):
+        return PmdSlots(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    pud = va >> a.level_shift(1)
+    out_va, out_flat = [], []
+    for g in np.unique(pud).tolist():
+        v = va[pud == g]
+        s = k.pt.pmd_slots(child.pgd_row, int(v.min()), int(v.max()) + (1 << a.pmd_shift),
+                           alloc=True, new_rows=new_rows)
+        out_va.append(s.va)
+        out_flat.append(s.flat)
+    return PmdSlots(np.concatenate(out_va), np.concatenate(out_flat))
+
+
+def _copy_huge_pmds(k: Kernel, child: Mm, dst: Vma, pflat: I64, cflat: I64, deposit: I64,
+                    works: list[Work]) -> None:
+    """Mirrors: mm/huge_memory.c copy_huge_pmd (success path), for many PMDs."""
+    a, ph = k.arch, k.phys
+    flat = k.pt.flat
+    pmd = flat[pflat]
+    pte = a.pmd_to_pte(pmd)
+    heads = a.pte_pfn(pte)
+    ph.refcount[heads] += 1
+    ph.entire_mapcount[heads] += 1
+    ph.large_mapcount[heads] += 1
+    ph.anon_exclusive[heads] = False
+    flat[pflat] = a.pte_to_pmd(a.pte_wrprotect(pte))
+    cpte = a.pte_mkold(a.pte_wrprotect(pte))
+    if not dst.flags & VmFlag.UFFD_WP:
+        cpte = a.pte_clear_uffd_wp(cpte)
+    flat[cflat] = a.pte_to_pmd(cpte)
+    for f, r in zip(cflat.tolist(), deposit.tolist(), strict=True):
+        child.deposit[f] = r
+    child.rss[MM_ANONPAGES] += len(heads) * a.ptrs_per_table
+    m = len(heads)
+    items = np.arange(m)
+    ops = Ops(m)
+    ops.add("folio_ref_ops", 1, items)
+    ops.add("mapcount_ops", 1, items)
+    ops.add("pmds_wrprotected", 1, items)
+    ops.add("pte_atomics", 1, items)
+    ops.add("pmd_writes", 1, items)
+    ops.add("pgtable_allocs", 1, items)
+    ops.add("ptl_locks", 2, items)
+    ops.add("copy_huge_pmd", 1, items)
+    works.append(Work("copy_huge_pmd", ops, sections=items, locks=("pmd_lock", "pmd_lock"),
+                      lock_ids=pflat.copy()))
+
+
+@define(eq=False)
+class _PtePlan:
+    items: I64  # first entry of every item
+    nr: I64
+    kind: NDArray[np.int8]
+    n_copy: int
+    commit: Any
+
+
+K_NONE, K_PRESENT, K_SPECIAL = 0, 1, 2
+
+
+def _plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArray[np.uint64],
+               tab: I64, addr: I64, ae_virtual: B | None) -> _PtePlan:
+    """Mirrors: copy_pte_range / copy_present_ptes / folio_pte_batch over every entry of the
+    VMA at once.  Returns the plan; ``commit`` applies it and builds the Work."""
+    a, ph = k.arch, k.phys
+    m = len(vals)
+    none = vals == 0
+    present = a.pte_present(vals)
+    special = present & a.pte_special(vals)
+    normal = present & ~special
+    pfn = np.where(normal, a.pte_pfn(vals), 0)
+    head = ph.head[pfn].astype(np.int64)
+    order = ph.order[head]
+    large = normal & (order > 0)
+    ae = ph.anon_exclusive[pfn] & normal
+    if ae_virtual is not None:
+        ae |= ae_virtual
+    anon = normal & ((ph.flags[head] & F_ANON) != 0)
+    maybe_pinned = anon & parent.has_pinned & ph.folio_maybe_dma_pinned(head)
+    new_table = np.ones(m, bool)
+    new_table[1:] = tab[1:] != tab[:-1]
+
+    # ---- folio_pte_batch: which entries continue the batch of the previous one
+    cont = np.zeros(m, bool)
+    region = np.zeros(m, bool)  # entries that go alone because their batch would fail
+    if mode == "batched" and large.any():
+        ign = a.pte_wrprotect(a.pte_mkold(vals))
+        if src.flags & VmFlag.SHARED:
+            ign = a.pte_mkclean(ign)
+        if not src.flags & VmFlag.SOFTDIRTY:
+            ign = a.pte_clear_soft_dirty(ign)
+        bits = a.pte_same_bits(ign)
+        cont[1:] = (large[1:] & large[:-1] & (head[1:] == head[:-1]) & (pfn[1:] == pfn[:-1] + 1)
+                    & (bits[1:] == bits[:-1]))
+        cont &= ~new_table
+        # pinned: a batch holding an exclusive page of a maybe-pinned folio fails (-EAGAIN);
+        # every entry up to its last exclusive page then goes alone
+        bstart = np.flatnonzero(~cont)
+        bend = np.append(bstart[1:], m)
+        pin_b = maybe_pinned[bstart] & np.logical_or.reduceat(ae, bstart) & ((bend - bstart) > 1)
+        if pin_b.any():
+            posn = np.where(ae, np.arange(m), -1)
+            last_ae = np.maximum.reduceat(posn, bstart)
+            rs, re_ = bstart[pin_b], last_ae[pin_b] + 1
+            idx, _ = expand_runs(rs, re_ - rs)
+            region[idx] = True
+            cont[idx] = False
+            cont[re_[re_ < m]] = False
+    starts = np.flatnonzero(~cont)
+    nr = np.diff(np.append(starts, m))
+    kind = np.where(normal[starts], K_PRESENT, np.where(special[starts], K_SPECIAL, K_NONE)).astype(np.int8)
+    batched_path = (mode == "batched") & large[starts] & (nr > 0)
+    is_copy = maybe_pinned[starts] & ae[starts] & (nr == 1)
+    # -EAGAIN: singles of maybe-pinned large folios in batched mode (the batch attempt fails),
+    # and exclusive maybe-pinned pages on the single path (copy_present_page without prealloc)
+    single_pinned = (nr == 1) & maybe_pinned[starts]
+    eagain = single_pinned & (region[starts] | ae[starts])
+    n_copy = int(is_copy.sum())
+
+    def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64, cidx: I64, copy_pages: I64,
+               works: list[Work]) -> None:
+        _commit(k, parent, child, src, dst, mode, vals, pidx, cidx, tab, addr, starts, nr, kind,
+                normal, anon, head, pfn, ae, is_copy, eagain, batched_path, new_table, none,
+                copy_pages, works)
+
+    return _PtePlan(starts, nr, kind, n_copy, commit)
+
+
+def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str,
+            vals: NDArray[np.uint64], pidx: I64, cidx: I64, tab: I64, addr: I64, starts: I64,
+            nr: I64, kind: NDArray[np.int8], normal: B, anon: B, head: I64, pfn: I64, ae: B,
+            is_copy: B, eagain: B, batched_path: B, new_table: B, none: B, copy_pages: I64,
+            works: list[Work]) -> None:
+    """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries."""
+    a, ph = k.arch, k.phys
+    n_items = len(starts)
+    ops = Ops(n_items)
+    items = np.arange(n_items)
+    flat = k.pt.flat
+    m = len(vals)
+
+    # ---- dup items (present, not copied)
+    dup = (kind != K_NONE) & ~is_copy
+    di = np.flatnonzero(dup)
+    d_start, d_nr = starts[di], nr[di]
+    d_norm = normal[d_start]
+    # entries covered by dup items
+    ent, _off = expand_runs(d_start, d_nr)
+    ent_item = np.repeat(di, d_nr)
+    ent_norm = normal[ent]
+    # refcount: one folio_ref_add per item
+    nh = head[d_start[d_norm]]
+    np.add.at(ph.refcount, nh, d_nr[d_norm].astype(np.int32))
+    ops.add("folio_ref_ops", 1, di[d_norm])
+    # mapcount: one atomic per page (v6.9), large mapcount once per item
+    mp = pfn[ent[ent_norm]]
+    ph.mapcount[mp] += 1
+    ops.add("mapcount_ops", 1, ent_item[ent_norm])
+    lg = ph.order[nh] > 0
+    np.add.at(ph.large_mapcount, nh[lg], d_nr[d_norm][lg].astype(np.int32))
+    # AnonExclusive cleared on every page that had it
+    ae_ent = ent[ent_norm][ae[ent[ent_norm]]]
+    if len(ae_ent):
+        ph.anon_exclusive[pfn[ae_ent]] = False
+        ops.add("anon_exclusive_clears", 1, ent_item[ent_norm][ae[ent[ent_norm]]])
+    # rss of the child
+    e_anon = anon[ent] & ent_norm
+    child.rss[MM_ANONPAGES] += int(e_anon.sum())
+    file_e = ent_norm & ~anon[ent]
+    if file_e.any():
+        shm = (ph.flags[head[ent[file_e]]] & F_SWAPBACKED) != 0
+        child.rss[MM_SHMEMPAGES] += int(shm.sum())
+        child.rss[MM_FILEPAGES] += int((~shm).sum())
+
+    # ---- __copy_present_ptes: parent wrprotect, child entries from the first pte
+    wr_ent = a.pte_write(vals[ent])
+    any_w = np.zeros(len(di), bool)
+    np.logical_or.at(any_w, np.repeat(np.arange(len(di)), d_nr), wr_ent)
+    pte = vals[d_start]
+    pte = np.where(any_w & ~a.pte_write(pte), a.pte_mkwrite(pte), pte)
+    if src.is_cow:
+        w = a.pte_write(pte)
+        wi = np.flatnonzero(w)
+        if len(wi):
+            a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi])
+        pte = np.where(w, a.pte_wrprotect(pte), pte)
+    if src.flags & VmFlag.SHARED:
+        pte = a.pte_mkclean(pte)
+    pte = a.pte_mkold(pte)
+    if not dst.flags & VmFlag.UFFD_WP:
+        pte = a.pte_clear_uffd_wp(pte)
+    a.set_ptes(child, flat, cidx[d_start], pte, d_nr, ops, di)
+
+    # ---- pinned exclusive pages: copy_present_page into the preallocated pages
+    ci = np.flatnonzero(is_copy)
+    if len(ci):
+        ce = starts[ci]
+        ph.token[copy_pages] = ph.token[pfn[ce]]
+        ph.mapcount[copy_pages] = 1
+        ph.anon_exclusive[copy_pages] = True
+        cp = a.pte_mkdirty(a.pfn_pte(copy_pages, a.vm_get_page_prot(dst.prot)))
+        if dst.flags & VmFlag.WRITE:
+            cp = a.pte_mkwrite(cp)
+        flat[cidx[ce]] = cp
+        child.rss[MM_ANONPAGES] += len(ci)
+        ops.add("fork_page_copies", 1, ci)
+        ops.add("page_copies", 1, ci)
+        ops.add("pte_writes", 1, ci)
+        ops.add("mapcount_ops", 1, ci)
+        ops.add("folio_ref_ops", 2, ci)  # folio_get + folio_put of the failed dup
+    ei = np.flatnonzero(eagain)
+    if len(ei):
+        ops.add("prealloc_retries", 1, ei)
+        ops.add("folio_allocs", 1, ei)
+        bp = ei[batched_path[ei]]
+        ops.add("folio_ref_ops", 2, bp)  # folio_ref_add + folio_ref_sub of the failed batch
+        freed = ei[~is_copy[ei]]
+        ops.add("folios_freed", 1, freed)  # the unused prealloc
+
+    # ---- the loop's own work: reads, progress, checkpoints, sections
+    ops.add("pte_reads", 1, items)
+    bi = np.flatnonzero(batched_path & (kind == K_PRESENT))
+    if len(bi):
+        ops.add("pte_reads", nr[bi] - 1, bi)
+        tab_end = np.append(np.flatnonzero(new_table[1:]) + 1, m)
+        stop = starts[bi] + nr[bi]
+        end_of_tab = tab_end[np.searchsorted(tab_end, starts[bi], side="right")]
+        ops.add("pte_reads", (stop < end_of_tab).astype(np.int64), bi)  # the mismatch read
+        ops.add("fork_batched_ptes", nr[bi], bi)
+    present_items = np.flatnonzero(kind != K_NONE)
+    ops.add("fork_batches", 1, present_items)
+    inc = np.where(kind == K_NONE, 1, 8 * (nr if mode == "batched" else 1)).astype(np.int64)
+    sec_start = np.flatnonzero(new_table[starts] | eagain)
+    cps = checkpoints(inc, sec_start)
+    ops.add("resched_checks", 1, cps)
+    ops.add("ptl_locks", 2, sec_start)
+    ops.add("cond_resched", 1, sec_start)
+    ops.add("copy_pte_range", 1, sec_start)
+    first_tab = np.flatnonzero(new_table[starts])
+    ops.add("pgtable_allocs", 1, first_tab)
+    lock_ids = cidx[starts[sec_start]] // k.arch.ptrs_per_table
+    works.append(Work("copy_pte_range", ops, sections=sec_start, locks=("ptl", "ptl"),
+                      lock_ids=lock_ids, checkpoints=cps))

@@ -1,0 +1,230 @@
+"""Page tables: hardware-encoded entries in one numpy pool, walked a range at a time.
+
+Every page-table page of the machine is a row of 512 ``uint64`` entries in ``entries``; the
+row's PFN is a real allocated page (flag PGTABLE), and upper-level entries encode the next
+table's PFN as hardware does.  The row number doubles as the identity of the table's split
+PTE lock (``ptlock``).  Walks return flat indices into ``flat`` (``entries`` seen as one
+array), so callers can read and write entries of many tables in one numpy operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from attrs import define, field
+from numpy.typing import NDArray
+
+from mmuemu.arch.base import Arch
+from mmuemu.mm.physmem import F_PGTABLE, PhysMem
+
+__all__ = ["PageTables", "PmdSlots"]
+
+I64 = NDArray[np.int64]
+
+
+@define
+class PmdSlots:
+    """PMD entries covering a range: one per 2 MiB of address space."""
+
+    va: I64  # the address each entry maps (PMD aligned)
+    flat: I64  # flat index of the PMD entry in the pool
+
+
+@define(eq=False)
+class PageTables:
+    """The pool of page-table pages of one machine."""
+
+    arch: Arch
+    phys: PhysMem
+    entries: NDArray[np.uint64] = field(init=False)
+    row_pfn: I64 = field(init=False)
+    row_level: NDArray[np.int8] = field(init=False)
+    free_rows: list[int] = field(init=False, factory=list)
+    pfn_row: NDArray[np.int32] = field(init=False)  # row + 1 of a table page's PFN
+
+    def __attrs_post_init__(self) -> None:
+        self.entries = np.zeros((0, self.arch.ptrs_per_table), dtype=np.uint64)
+        self.row_pfn = np.zeros(0, dtype=np.int64)
+        self.row_level = np.zeros(0, dtype=np.int8)
+        self.pfn_row = np.zeros(self.phys.nr_pages, dtype=np.int32)
+
+    @property
+    def flat(self) -> NDArray[np.uint64]:
+        """All entries as one array (a view: take it again after any allocation)."""
+        return self.entries.reshape(-1)
+
+    @property
+    def nr_tables(self) -> int:
+        return int((self.row_level >= 0).sum()) if len(self.row_level) else 0
+
+    # ------------------------------------------------------------ allocation
+    def _grow(self, need: int) -> None:
+        cap = len(self.row_pfn)
+        new_cap = max(cap * 2, cap + need, 64)
+        entries = np.zeros((new_cap, self.arch.ptrs_per_table), dtype=np.uint64)
+        entries[:cap] = self.entries
+        self.entries = entries
+        self.row_pfn = np.concatenate([self.row_pfn, np.zeros(new_cap - cap, dtype=np.int64)])
+        self.row_level = np.concatenate([self.row_level, np.full(new_cap - cap, -1, dtype=np.int8)])
+        self.free_rows.extend(range(new_cap - 1, cap - 1, -1))
+
+    def alloc(self, n: int, level: int) -> I64:
+        """Allocate ``n`` zeroed tables of ``level``; raises OutOfMemory changing nothing.
+
+        Mirrors: pte_alloc_one / pmd_alloc_one / pud_alloc_one (an order-0 page each).
+        """
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
+        pfns = self.phys.new_folios(0, n, F_PGTABLE)
+        if len(self.free_rows) < n:
+            self._grow(n - len(self.free_rows))
+        rows = np.array([self.free_rows.pop() for _ in range(n)], dtype=np.int64)
+        self.entries[rows] = 0
+        self.row_pfn[rows] = pfns
+        self.row_level[rows] = level
+        self.pfn_row[pfns] = rows + 1
+        return rows
+
+    def free(self, rows: I64) -> None:
+        """Mirrors: pte_free / pmd_free: give table pages back."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        pfns = self.row_pfn[rows]
+        self.pfn_row[pfns] = 0
+        self.row_level[rows] = -1
+        self.free_rows.extend(rows.tolist())
+        self.phys.ref_sub_and_free(pfns, 1)
+
+    def rows_of(self, entry: NDArray[np.uint64]) -> I64:
+        """The rows of the tables that upper-level entries point to (-1 for none)."""
+        rows = self.pfn_row[self.arch.table_pfn(entry)].astype(np.int64) - 1
+        return np.where(entry == 0, -1, rows)
+
+    # ------------------------------------------------------------ walks
+    def pmd_slots(self, pgd_row: int, start: int, end: int, alloc: bool = False,
+                  new_rows: list[int] | None = None) -> PmdSlots:
+        """PMD entries mapping [start, end); with ``alloc``, missing PUD/PMD tables are made.
+
+        Mirrors: the pgd/p4d/pud walk of copy_page_range and friends (pud_alloc, pmd_alloc).
+        Newly allocated rows are appended to ``new_rows`` so a failing caller can undo them.
+        """
+        a = self.arch
+        vas: list[I64] = []
+        flats: list[I64] = []
+        if end <= start:
+            return PmdSlots(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        s_pgd, s_pud, s_pmd = a.level_shift(0), a.level_shift(1), a.level_shift(2)
+        mask = a.ptrs_per_table - 1
+        for gi in range(start >> s_pgd, ((end - 1) >> s_pgd) + 1):
+            pud_row = self._child(pgd_row, gi & mask, 1, alloc, new_rows)
+            if pud_row < 0:
+                continue
+            lo = max(start, gi << s_pgd)
+            hi = min(end, (gi + 1) << s_pgd)
+            for ui in range(lo >> s_pud, ((hi - 1) >> s_pud) + 1):
+                pmd_row = self._child(pud_row, ui & mask, 2, alloc, new_rows)
+                if pmd_row < 0:
+                    continue
+                plo = max(lo, ui << s_pud)
+                phi = min(hi, (ui + 1) << s_pud)
+                idx = np.arange((plo >> s_pmd) & mask, (((phi - 1) >> s_pmd) & mask) + 1, dtype=np.int64)
+                vas.append((np.int64(ui) << s_pud) + (idx << s_pmd))
+                flats.append(pmd_row * a.ptrs_per_table + idx)
+        if not vas:
+            return PmdSlots(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return PmdSlots(np.concatenate(vas), np.concatenate(flats))
+
+    def _child(self, row: int, index: int, level: int, alloc: bool, new_rows: list[int] | None) -> int:
+        entry = self.entries[row, index]
+        if entry:
+            return int(self.pfn_row[self.arch.table_pfn(np.uint64(entry))]) - 1
+        if not alloc:
+            return -1
+        new = int(self.alloc(1, level)[0])
+        self.entries[row, index] = self.arch.mk_table(np.int64(self.row_pfn[new]))
+        if new_rows is not None:
+            new_rows.append(new)
+        return new
+
+    def pte_alloc(self, pmd_flat: I64, new_rows: list[int] | None = None) -> I64:
+        """Make sure each PMD entry points at a PTE table; return the tables' rows.
+
+        Mirrors: pte_alloc (one allocation per missing table, done here in one call).
+        PMD leaves are not touched (their row is -1).
+        """
+        flat = self.flat
+        pmd = flat[pmd_flat]
+        missing = np.flatnonzero(pmd == 0)
+        if len(missing):
+            rows = self.alloc(len(missing), 3)
+            flat = self.flat
+            flat[pmd_flat[missing]] = self.arch.mk_table(self.row_pfn[rows])
+            if new_rows is not None:
+                new_rows.extend(rows.tolist())
+            pmd = flat[pmd_flat]
+        leaf = self.arch.pmd_leaf(pmd)
+        return np.where(leaf, -1, self.rows_of(pmd))
+
+    def free_unused(self, pgd_row: int, start: int, end: int,
+                    in_use: Callable[[I64, I64], NDArray[np.bool_]]) -> int:
+        """Free page tables under [start, end) whose span no VMA uses any more.
+
+        Mirrors: mm/memory.c free_pgtables / free_pgd_range, with floor and ceiling given by
+        ``in_use(lo, hi)`` (does any VMA overlap each span?).  Returns tables freed.
+        """
+        a = self.arch
+        freed = 0
+        for level in (3, 2, 1):  # PTE tables first, then the PMD and PUD tables above them
+            shift = a.level_shift(level - 1)
+            size = 1 << shift
+            lo = start & ~(size - 1)
+            hi = (end + size - 1) & ~(size - 1)
+            parents = self._entries_at(pgd_row, lo, hi, level - 1)
+            if not len(parents[0]):
+                continue
+            va, eflat = parents
+            entry = self.flat[eflat]
+            is_table = (entry != 0)
+            if level == 3:
+                is_table &= ~a.pmd_leaf(entry)
+            cand = is_table & ~in_use(va, va + size)
+            if not cand.any():
+                continue
+            rows = self.rows_of(entry[cand])
+            if (self.entries[rows] != 0).any(axis=1).any():
+                keep = (self.entries[rows] != 0).any(axis=1)
+                rows = rows[~keep]
+                ef = eflat[cand][~keep]
+            else:
+                ef = eflat[cand]
+            self.flat[ef] = 0
+            self.free(rows)
+            freed += len(rows)
+        return freed
+
+    def _entries_at(self, pgd_row: int, lo: int, hi: int, level: int) -> tuple[I64, I64]:
+        """(address, flat index) of the existing entries of ``level`` tables over [lo, hi)."""
+        a = self.arch
+        if level == 0:
+            s = a.level_shift(0)
+            idx = np.arange(lo >> s, ((hi - 1) >> s) + 1, dtype=np.int64) & (a.ptrs_per_table - 1)
+            return idx << s, pgd_row * a.ptrs_per_table + idx
+        if level == 2:
+            slots = self.pmd_slots(pgd_row, lo, hi)
+            return slots.va, slots.flat
+        # level 1: PUD entries
+        s0, s1 = a.level_shift(0), a.level_shift(1)
+        vas, flats = [], []
+        for gi in range(lo >> s0, ((hi - 1) >> s0) + 1):
+            pud_row = self._child(pgd_row, gi & (a.ptrs_per_table - 1), 1, False, None)
+            if pud_row < 0:
+                continue
+            a_lo, a_hi = max(lo, gi << s0), min(hi, (gi + 1) << s0)
+            idx = np.arange((a_lo >> s1) & 511, (((a_hi - 1) >> s1) & 511) + 1, dtype=np.int64)
+            vas.append((np.int64(gi) << s0) + (idx << s1))
+            flats.append(pud_row * a.ptrs_per_table + idx)
+        if not vas:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(vas), np.concatenate(flats)

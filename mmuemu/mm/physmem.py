@@ -1,0 +1,255 @@
+"""Physical memory: page frames, the buddy allocator and folios as structure-of-arrays.
+
+Every array is indexed by PFN.  Per-page fields (token, mapcount, AnonExclusive, head) are
+meaningful for every page of an allocated folio; per-folio fields (order, refcount, entire
+and large mapcounts, pin count, flags) only at the folio's head PFN.  Arrays are made with
+``np.zeros`` so untouched frames cost no host memory.
+
+Mapcounts are stored as counts (the kernel's ``_mapcount`` is this minus one).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from attrs import define, field
+from numpy.typing import NDArray
+
+from mmuemu.errors import OutOfMemory
+from mmuemu.runs import expand_runs
+
+__all__ = [
+    "F_ALLOC",
+    "F_ANON",
+    "F_PGTABLE",
+    "F_RESERVED",
+    "F_SWAPBACKED",
+    "GUP_PIN_COUNTING_BIAS",
+    "MAX_ORDER",
+    "ZERO_PFN",
+    "PhysMem",
+]
+
+MAX_ORDER = 10
+#: a FOLL_PIN on a small folio adds this to its refcount (include/linux/mm.h)
+GUP_PIN_COUNTING_BIAS = 1024
+ZERO_PFN = 0
+
+F_ALLOC = np.uint8(1)  # allocated folio head
+F_ANON = np.uint8(2)  # folio_test_anon
+F_SWAPBACKED = np.uint8(4)  # shmem / anon
+F_PGTABLE = np.uint8(8)  # a page-table page
+F_RESERVED = np.uint8(16)  # the shared zero page
+
+I64 = NDArray[np.int64]
+
+
+@define(eq=False)
+class PhysMem:
+    """The PFN space of one machine, with a buddy allocator for orders 0..MAX_ORDER."""
+
+    nr_pages: int
+    token: NDArray[np.int64] = field(init=False)
+    mapcount: NDArray[np.int32] = field(init=False)
+    anon_exclusive: NDArray[np.bool_] = field(init=False)
+    head: NDArray[np.int32] = field(init=False)  # folio head of each allocated page
+    order: NDArray[np.int8] = field(init=False)
+    refcount: NDArray[np.int32] = field(init=False)
+    entire_mapcount: NDArray[np.int32] = field(init=False)
+    large_mapcount: NDArray[np.int32] = field(init=False)
+    pincount: NDArray[np.int32] = field(init=False)
+    flags: NDArray[np.uint8] = field(init=False)
+    free_order: NDArray[np.uint8] = field(init=False)  # order + 1 at free block starts
+    free_lists: list[set[int]] = field(init=False)
+    nr_free: int = field(init=False, default=0)
+    #: allocation-failure injection: number of allocation calls left before one fails
+    fail_countdown: int | None = field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        n = self.nr_pages
+        self.token = np.zeros(n, dtype=np.int64)
+        self.mapcount = np.zeros(n, dtype=np.int32)
+        self.anon_exclusive = np.zeros(n, dtype=bool)
+        self.head = np.zeros(n, dtype=np.int32)
+        self.order = np.zeros(n, dtype=np.int8)
+        self.refcount = np.zeros(n, dtype=np.int32)
+        self.entire_mapcount = np.zeros(n, dtype=np.int32)
+        self.large_mapcount = np.zeros(n, dtype=np.int32)
+        self.pincount = np.zeros(n, dtype=np.int32)
+        self.flags = np.zeros(n, dtype=np.uint8)
+        self.free_order = np.zeros(n, dtype=np.uint8)
+        self.free_lists = [set() for _ in range(MAX_ORDER + 1)]
+        self.flags[ZERO_PFN] = F_ALLOC | F_RESERVED
+        self.refcount[ZERO_PFN] = 1
+        self._add_free_range(ZERO_PFN + 1, n)
+
+    # ------------------------------------------------------------------ buddy
+    def _add_block(self, start: int, order: int) -> None:
+        self.free_lists[order].add(start)
+        self.free_order[start] = order + 1
+        self.nr_free += 1 << order
+
+    def _add_free_range(self, lo: int, hi: int) -> None:
+        """Free [lo, hi) as maximal naturally aligned blocks."""
+        while lo < hi:
+            order = MAX_ORDER
+            while order and (lo & ((1 << order) - 1) or lo + (1 << order) > hi):
+                order -= 1
+            self._add_block(lo, order)
+            lo += 1 << order
+
+    def _pop_blocks(self, order: int, n: int) -> I64:
+        blocks = self.free_lists[order]
+        if n >= len(blocks):
+            arr = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+            blocks.clear()
+        else:
+            arr = np.fromiter(itertools.islice(blocks, n), dtype=np.int64, count=n)
+            blocks.difference_update(arr.tolist())
+        arr.sort()
+        self.free_order[arr] = 0
+        self.nr_free -= len(arr) << order
+        return arr
+
+    def available(self, order: int) -> int:
+        """How many blocks of ``order`` could be allocated now."""
+        return sum(len(self.free_lists[j]) << (j - order) for j in range(order, MAX_ORDER + 1))
+
+    def alloc(self, order: int, n: int = 1) -> I64:
+        """Allocate ``n`` blocks of ``order`` (lowest orders first, splitting larger blocks).
+
+        Mirrors: mm/page_alloc.c __rmqueue_smallest / expand.  Raises OutOfMemory, changing
+        nothing, when the request cannot be met in full.
+        """
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if self.fail_countdown is not None:
+            if self.fail_countdown == 0:
+                self.fail_countdown = None
+                raise OutOfMemory(f"injected allocation failure (order {order}, {n} blocks)")
+            self.fail_countdown -= 1
+        if self.available(order) < n:
+            raise OutOfMemory(
+                f"out of memory: need {n} blocks of order {order}, "
+                f"{self.nr_free} pages free (largest orders exhausted)"
+            )
+        out: list[I64] = []
+        remaining = n
+        for j in range(order, MAX_ORDER + 1):
+            if not self.free_lists[j]:
+                continue
+            per = 1 << (j - order)
+            blocks = self._pop_blocks(j, -(-remaining // per))
+            if per == 1:
+                subs = blocks
+            else:
+                subs = (blocks[:, None] + (np.arange(per, dtype=np.int64) << order)[None, :]).ravel()
+            use = subs[:remaining]
+            out.append(use)
+            remaining -= len(use)
+            if len(subs) > len(use):
+                self._add_free_range(int(subs[len(use)]), int(blocks[-1]) + (1 << j))
+            if remaining == 0:
+                break
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def free_blocks(self, starts: I64, order: int) -> None:
+        """Return blocks of ``order`` to the buddy lists, merging with free buddies.
+
+        Mirrors: mm/page_alloc.c __free_one_page, for many blocks at once.
+        """
+        starts = np.sort(np.asarray(starts, dtype=np.int64))
+        k = order
+        while len(starts):
+            if k == MAX_ORDER:
+                self._add_blocks(starts, k)
+                break
+            bud = starts ^ (1 << k)
+            ok = bud < self.nr_pages
+            budc = np.where(ok, bud, 0)
+            in_lists = ok & (self.free_order[budc] == k + 1)
+            pos = np.minimum(np.searchsorted(starts, budc), len(starts) - 1)
+            in_new = ok & (starts[pos] == budc)
+            merge = in_lists | in_new
+            self._add_blocks(starts[~merge], k)
+            pre = budc[in_lists]
+            if len(pre):
+                self.free_lists[k].difference_update(pre.tolist())
+                self.free_order[pre] = 0
+                self.nr_free -= len(pre) << k
+            starts = np.unique(np.minimum(starts[merge], budc[merge]))
+            k += 1
+
+    def _add_blocks(self, starts: I64, order: int) -> None:
+        if len(starts):
+            self.free_lists[order].update(starts.tolist())
+            self.free_order[starts] = order + 1
+            self.nr_free += len(starts) << order
+
+    # ------------------------------------------------------------------ folios
+    def new_folios(self, order: int, n: int, flags: np.uint8) -> I64:
+        """Allocate ``n`` folios of ``order`` with refcount 1 and zeroed contents."""
+        heads = self.alloc(order, n)
+        if order:
+            pages, _ = expand_runs(heads, np.full(len(heads), 1 << order, dtype=np.int64))
+            self.head[pages] = np.repeat(heads, 1 << order)
+        else:
+            pages = heads
+            self.head[pages] = pages
+        self.token[pages] = 0
+        self.mapcount[pages] = 0
+        self.anon_exclusive[pages] = False
+        self.order[heads] = order
+        self.refcount[heads] = 1
+        self.entire_mapcount[heads] = 0
+        self.large_mapcount[heads] = 0
+        self.pincount[heads] = 0
+        self.flags[heads] = F_ALLOC | flags
+        return heads
+
+    def folio_of(self, pfn: I64) -> I64:
+        """Mirrors: page_folio: the head PFN of the folio each page belongs to."""
+        return self.head[pfn].astype(np.int64)
+
+    def folio_nr_pages(self, heads: I64) -> I64:
+        return np.left_shift(1, self.order[heads].astype(np.int64))
+
+    def ref_add(self, heads: I64, nr: I64 | int) -> None:
+        """Mirrors: folio_ref_add (many folios; repeated heads add up)."""
+        np.add.at(self.refcount, heads, np.asarray(nr, dtype=np.int32))
+
+    def ref_sub_and_free(self, heads: I64, nr: I64 | int) -> int:
+        """Mirrors: folio_ref_sub / folio_put; frees folios whose refcount reaches 0.
+
+        Returns the number of folios freed.
+        """
+        heads = np.asarray(heads, dtype=np.int64)
+        np.subtract.at(self.refcount, heads, np.asarray(nr, dtype=np.int32))
+        uniq = np.unique(heads)
+        dead = uniq[self.refcount[uniq] == 0]
+        if len(dead):
+            self.free_folios(dead)
+        return len(dead)
+
+    def free_folios(self, heads: I64) -> None:
+        """Mirrors: free_unref_folios: give the pages of dead folios back to the buddy."""
+        orders = self.order[heads]
+        for order in np.unique(orders).tolist():
+            hs = heads[orders == order]
+            if order:
+                pages, _ = expand_runs(hs, np.full(len(hs), 1 << order, dtype=np.int64))
+                self.head[pages] = 0
+                self.anon_exclusive[pages] = False
+            else:
+                self.head[hs] = 0
+                self.anon_exclusive[hs] = False
+            self.flags[hs] = 0
+            self.order[hs] = 0
+            self.pincount[hs] = 0
+            self.free_blocks(hs, order)
+
+    def folio_maybe_dma_pinned(self, heads: I64) -> NDArray[np.bool_]:
+        """Mirrors: folio_maybe_dma_pinned (pincount for large folios, bias for small)."""
+        large = self.order[heads] > 0
+        return np.where(large, self.pincount[heads] > 0, self.refcount[heads] >= GUP_PIN_COUNTING_BIAS)

@@ -1,0 +1,69 @@
+"""Resched checkpoints of copy_pte_range's loop, computed for whole ranges at once.
+
+Mirrors: the ``progress`` accounting of mm/memory.c copy_pte_range: every iteration adds to
+``progress`` (1 for a none entry, 8 for a non-present one, 8 * nr for a batch of nr present
+entries; 8 per present entry before v6.9) and, at the top of the next iteration, a value of
+at least 32 resets it and checks ``need_resched()`` / ``spin_needbreak()``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["RESCHED_PROGRESS", "checkpoints"]
+
+RESCHED_PROGRESS = 32
+I64 = NDArray[np.int64]
+
+
+def checkpoints(inc: I64, sections: I64) -> I64:
+    """Items before which the loop checks for rescheduling.
+
+    ``inc[i]`` is what item ``i`` adds to progress; ``sections`` holds the first item of each
+    lock section (progress restarts at 0 there).  Sections whose items all add the same
+    amount take a closed form; the others advance one checkpoint per round, all sections
+    at once.
+    """
+    n = len(inc)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    bounds = np.append(sections, n)
+    lens = np.diff(bounds)
+    first = inc[bounds[:-1]]
+    uniform = np.ones(len(lens), bool)
+    change = np.flatnonzero(np.diff(inc) != 0) + 1  # items whose inc differs from the previous
+    if len(change):
+        sec_of = np.searchsorted(bounds, change, side="right") - 1
+        inner = change > bounds[sec_of]
+        uniform[np.unique(sec_of[inner])] = False
+    out: list[I64] = []
+    # closed form: a check every k items, k = ceil(32 / inc)
+    u = np.flatnonzero(uniform & (lens > 1))
+    if len(u):
+        k = -(-RESCHED_PROGRESS // first[u])
+        counts = (lens[u] - 1) // k
+        sec = np.repeat(np.arange(len(u)), counts)
+        nth = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + 1
+        out.append(bounds[u][sec] + nth * k[sec])
+    m = np.flatnonzero(~uniform)
+    if len(m):
+        out.append(_general(inc, bounds, m))
+    if not out:
+        return np.zeros(0, np.int64)
+    return np.sort(np.concatenate(out))
+
+
+def _general(inc: I64, bounds: I64, secs: I64) -> I64:
+    """Checkpoints of mixed sections: search the next one from each, all sections per round."""
+    cum = np.concatenate([[0], np.cumsum(inc)])  # progress before item i, since the start
+    pos = bounds[secs].copy()
+    ends = bounds[secs + 1]
+    found: list[I64] = []
+    while len(pos):
+        target = cum[pos] + RESCHED_PROGRESS
+        nxt = np.searchsorted(cum, target, side="left")
+        ok = nxt < ends
+        found.append(nxt[ok])
+        pos, ends = nxt[ok], ends[ok]
+    return np.concatenate(found) if found else np.zeros(0, np.int64)

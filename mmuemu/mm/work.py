@@ -1,0 +1,106 @@
+"""Work as data: what a kernel path did, item by item, and where it held which locks.
+
+Kernel paths in the mm core are generators.  Each ``yield`` hands the runner a :class:`Work`:
+the operation counts of the path (per item of work, so a runner can find out how far a
+section got by a given time), the lock sections the items fall into, and the items before
+which the kernel checks for rescheduling (``progress >= 32`` in ``copy_pte_range``).  The
+runner answers with ``None``, or with a :class:`Break` when it made a section stop early.
+
+The core does not know what an operation costs; the runners do (``sim.costs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from attrs import define, field, frozen
+from numpy.typing import NDArray
+
+__all__ = ["Break", "Ops", "Work"]
+
+
+class Ops:
+    """Operation counts attributable to items of work.
+
+    ``add(name, count, items)`` records ``count`` operations called ``name``; ``items`` says
+    which item each count belongs to (``None``: item 0).  Totals are kept eagerly; per-item
+    arrays are built only when a runner asks, so the fast path pays one sum per call.
+    """
+
+    __slots__ = ("_parts", "n_items", "totals")
+
+    def __init__(self, n_items: int = 1) -> None:
+        self.n_items = max(int(n_items), 1)
+        self.totals: dict[str, int] = {}
+        self._parts: dict[str, list[tuple[object, object]]] = {}
+
+    def add(self, name: str, count: object, items: object = None) -> None:
+        """Count ``count`` (an int or an array matching ``items``) operations ``name``."""
+        if isinstance(count, np.ndarray):
+            total = int(count.sum())
+        else:
+            total = int(count)  # type: ignore[call-overload]
+            if items is not None and not np.isscalar(items):
+                total *= len(items)  # type: ignore[arg-type]
+        if total == 0:
+            return
+        self.totals[name] = self.totals.get(name, 0) + total
+        self._parts.setdefault(name, []).append((count, items))
+
+    def merge(self, other: Ops, item_offset: int = 0) -> None:
+        """Add every count of ``other``, its items shifted by ``item_offset``."""
+        for name, parts in other._parts.items():
+            for count, items in parts:
+                if items is None:
+                    items = item_offset
+                else:
+                    items = np.asarray(items) + item_offset
+                self.add(name, count, items)
+
+    def per_item(self, name: str) -> NDArray[np.int64]:
+        """The count of ``name`` for every item."""
+        out = np.zeros(self.n_items, dtype=np.int64)
+        for count, items in self._parts.get(name, ()):
+            idx = 0 if items is None else items
+            idx_arr = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+            cnt = np.broadcast_to(np.asarray(count, dtype=np.int64), idx_arr.shape)
+            out += np.bincount(idx_arr, weights=cnt, minlength=self.n_items).astype(np.int64)
+        return out
+
+    def names(self) -> Iterable[str]:
+        return self.totals.keys()
+
+
+def _empty() -> NDArray[np.int64]:
+    return np.zeros(0, dtype=np.int64)
+
+
+@define
+class Work:
+    """One yield of a kernel path: items of work in lock sections.
+
+    ``sections`` holds the first item of every lock section (sorted, starting at 0);
+    ``locks`` names the lock classes held in each section (empty: no lock) and ``lock_ids``
+    identifies the lock instance per section (the page-table page for split ptlocks).
+    ``checkpoints`` lists the items before which the path tests ``need_resched()`` and
+    ``spin_needbreak()``; a runner may stop the section there.
+    """
+
+    path: str
+    ops: Ops
+    sections: NDArray[np.int64] = field(factory=lambda: np.zeros(1, dtype=np.int64))
+    locks: tuple[str, ...] = ()
+    lock_ids: NDArray[np.int64] = field(factory=_empty)
+    checkpoints: NDArray[np.int64] = field(factory=_empty)
+
+    @property
+    def totals(self) -> Mapping[str, int]:
+        return self.ops.totals
+
+
+@frozen
+class Break:
+    """A runner's answer: the section holding ``item`` stopped before it (a lock break)."""
+
+    item: int

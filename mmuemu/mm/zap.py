@@ -1,0 +1,130 @@
+"""Unmapping: zap_pte_range for munmap, exit and MADV_DONTNEED, batched or legacy.
+
+Mirrors: mm/memory.c unmap_page_range, zap_pmd_range, zap_pte_range, zap_present_ptes
+(v6.9 batched: one rmap removal and one reference drop per folio batch) and the pre-v6.9
+per-PTE zap; mm/mmu_gather.c drops the references after the TLB flush.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mmuemu.mm.huge_memory import split_huge_pmds_in, zap_huge_pmds
+from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
+from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
+from mmuemu.mm.work import Ops, Work
+from mmuemu.runs import expand_runs
+
+__all__ = ["zap_range"]
+
+I64 = NDArray[np.int64]
+
+
+def zap_range(k: Kernel, mm: Mm, start: int, end: int, *, mode: str | None = None,
+              full: bool = False) -> Generator[Work, Any, None]:
+    """Mirrors: unmap_page_range + tlb_finish_mmu over [start, end) of ``mm``."""
+    mode = mode or k.fork_mode
+    a, pt, ph = k.arch, k.pt, k.phys
+    n = a.ptrs_per_table
+    ops = Ops()
+    split_huge_pmds_in(k, mm, start, end, ops)
+    slots = pt.pmd_slots(mm.pgd_row, start, end)
+    pmd = pt.flat[slots.flat]
+    leaf = a.pmd_leaf(pmd)
+    drop_heads: list[I64] = []
+    drop_nr: list[I64] = []
+    if leaf.any():
+        h = zap_huge_pmds(k, mm, slots.flat[leaf], ops)
+        drop_heads.append(h)
+        drop_nr.append(np.ones(len(h), np.int64))
+        ops.add("folio_ref_ops", len(h))
+    tabs = (pmd != 0) & ~leaf
+    va = slots.va[tabs]
+    rows = pt.rows_of(pmd[tabs])
+    lo = np.maximum(va, start)
+    hi = np.minimum(va + (n << 12), end)
+    first = (lo - va) >> 12
+    idx, _ = expand_runs(rows * n + first, (hi - lo) >> 12)
+    vals = pt.flat[idx]
+    live = np.flatnonzero(vals != 0)
+    work = Work("zap_pte_range", ops)
+    if len(live):
+        idx, vals = idx[live], vals[live]
+        work = _zap_ptes(k, mm, idx, vals, mode, full, ops, drop_heads, drop_nr)
+        ops = work.ops
+    if full:
+        a.flush_tlb_mm(mm, ops, k.cpu)
+    else:
+        a.flush_tlb_range(mm, start, end, ops, k.cpu)
+    if drop_heads:
+        heads = np.concatenate(drop_heads)
+        nrs = np.concatenate(drop_nr)
+        uniq, inv = np.unique(heads, return_inverse=True)
+        dies = ph.refcount[uniq] == np.bincount(inv, weights=nrs).astype(np.int64)
+        small = int((ph.order[uniq[dies]] == 0).sum())
+        freed = ph.ref_sub_and_free(heads, nrs)
+        ops.add("folios_freed", freed)
+        ops.add("folios_freed_small", small)
+        ops.add("folios_freed_large", freed - small)
+    yield work
+
+
+def _zap_ptes(k: Kernel, mm: Mm, idx: I64, vals: NDArray[np.uint64], mode: str, full: bool,
+              ops: Ops, drop_heads: list[I64], drop_nr: list[I64]) -> Work:
+    """Mirrors: zap_present_ptes / zap_present_folio_ptes over every live entry at once."""
+    a, ph = k.arch, k.phys
+    n = a.ptrs_per_table
+    m = len(vals)
+    present = a.pte_present(vals)
+    normal = present & ~a.pte_special(vals)
+    pfn = np.where(normal, a.pte_pfn(vals), 0)
+    head = ph.head[pfn].astype(np.int64)
+    large = normal & (ph.order[head] > 0)
+    tab = idx // n
+    cont = np.zeros(m, bool)
+    if mode == "batched" and large.any():
+        bits = a.pte_same_bits(a.pte_clear_soft_dirty(a.pte_mkclean(a.pte_wrprotect(a.pte_mkold(vals)))))
+        cont[1:] = (large[1:] & large[:-1] & (head[1:] == head[:-1]) & (pfn[1:] == pfn[:-1] + 1)
+                    & (bits[1:] == bits[:-1]) & (tab[1:] == tab[:-1]) & (idx[1:] == idx[:-1] + 1))
+    starts = np.flatnonzero(~cont)
+    nr = np.diff(np.append(starts, m))
+    n_items = len(starts)
+    items = np.arange(n_items)
+    ops2 = Ops(n_items)
+    ops2.merge(ops)
+    # clear the entries (batches through the arch's get_and_clear_full_ptes)
+    a.get_and_clear_full_ptes(mm, k.pt.flat, idx[starts], nr, full, ops2, items)
+    ops2.add("pte_reads", 1, items)
+    bi = np.flatnonzero(large[starts]) if mode == "batched" else np.zeros(0, np.int64)
+    if len(bi):
+        ops2.add("pte_reads", nr[bi], bi)  # folio_pte_batch's reads, the mismatch included
+        ops2.add("zap_batches", 1, bi)
+    ops2.add("zap_items", 1, items)
+    # rmap: per-page mapcount atomics, large mapcount once per batch
+    np_norm = normal[starts]
+    ni = np.flatnonzero(np_norm)
+    ent, _ = expand_runs(starts[ni], nr[ni])
+    ph.mapcount[pfn[ent]] -= 1
+    ops2.add("mapcount_ops", nr[ni], ni)
+    h = head[starts[ni]]
+    lg = ph.order[h] > 0
+    np.subtract.at(ph.large_mapcount, h[lg], nr[ni][lg].astype(np.int32))
+    # rss
+    fl = ph.flags[h]
+    anon = (fl & F_ANON) != 0
+    shm = ~anon & ((fl & F_SWAPBACKED) != 0)
+    mm.rss[MM_ANONPAGES] -= int(nr[ni][anon].sum())
+    mm.rss[MM_SHMEMPAGES] -= int(nr[ni][shm].sum())
+    mm.rss[MM_FILEPAGES] -= int(nr[ni][~anon & ~shm].sum())
+    # references are dropped after the TLB flush (mmu_gather), one per gathered batch
+    drop_heads.append(h)
+    drop_nr.append(nr[ni])
+    ops2.add("gather_entries", 1, ni)
+    ops2.add("folio_ref_ops", 1, ni)
+    sec = np.flatnonzero(np.append(True, tab[starts][1:] != tab[starts][:-1]))
+    ops2.add("ptl_locks", 1, sec)
+    return Work("zap_pte_range", ops2, sections=sec, locks=("ptl",), lock_ids=tab[starts][sec])

@@ -1,0 +1,33 @@
+"""Runs of consecutive entries, the unit the vectorised helpers work on.
+
+A run is ``(start, nr)``: ``nr`` consecutive flat indices from ``start``.  Kernel helpers take
+one run (``set_ptes(..., ptep, pte, nr)``); mmuemu passes many runs at once as two arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["expand_runs", "run_ids", "run_starts"]
+
+
+def run_ids(nr: NDArray[np.int64]) -> NDArray[np.int64]:
+    """The run number of every entry of runs with lengths ``nr``."""
+    return np.repeat(np.arange(len(nr), dtype=np.int64), nr)
+
+
+def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Flat indices of every entry of the runs, and each entry's offset inside its run."""
+    nr = np.asarray(nr, dtype=np.int64)
+    total = int(nr.sum())
+    if total == len(nr):  # all runs of length 1: the common order-0 case
+        return np.asarray(start, dtype=np.int64).copy(), np.zeros(total, dtype=np.int64)
+    ends = np.cumsum(nr)
+    offset = np.arange(total, dtype=np.int64) - np.repeat(ends - nr, nr)
+    return np.repeat(np.asarray(start, dtype=np.int64), nr) + offset, offset
+
+
+def run_starts(breaks: NDArray[np.bool_]) -> NDArray[np.int64]:
+    """Start positions of runs in a sequence where ``breaks[i]`` says a run starts at ``i``."""
+    return np.flatnonzero(breaks).astype(np.int64)
