@@ -49,6 +49,7 @@ import json
 import mmap
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,7 @@ class Row:
     runs: int = 0
     note: str = ""
     samples: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def judge(self) -> None:
         if self.status in ("ERROR", "SKIP"):
@@ -201,27 +203,48 @@ def _median_wall(
     after: Callable[[Any, Any], None],
     repeat: int,
     budget_s: float,
-) -> list[float]:
-    """Run `timed(state)` up to `repeat` times and return the wall times in ms.
+) -> tuple[list[float], dict[str, float]]:
+    """Run `timed(state)` up to `repeat` times; return the wall times in ms and CPU medians.
 
     Per run: `state = setup()` (untimed), then `timed(state)` between two perf_counter reads, then
     `after(state, result)` (untimed). Stops early once `budget_s` seconds of timed work are spent
-    (at least one run always happens).
+    (at least one run always happens). The CPU figures (getrusage just outside the timed
+    region: user ms, sys ms, minor page faults) are diagnostics: a large sys share means the
+    emulator's time goes into the host kernel faulting in fresh memory.
     """
     samples: list[float] = []
+    user: list[float] = []
+    sys_: list[float] = []
+    minflt: list[float] = []
     spent = 0.0
     for _ in range(repeat):
         state = setup()
         gc.collect()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         res = timed(state)
         t1 = time.perf_counter()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         after(state, res)
         samples.append((t1 - t0) * 1e3)
+        user.append((r1.ru_utime - r0.ru_utime) * 1e3)
+        sys_.append((r1.ru_stime - r0.ru_stime) * 1e3)
+        minflt.append(float(r1.ru_minflt - r0.ru_minflt))
         spent += t1 - t0
         if spent > budget_s:
             break
-    return samples
+    cpu = {
+        "user_ms": statistics.median(user),
+        "sys_ms": statistics.median(sys_),
+        "minflt": statistics.median(minflt),
+    }
+    return samples, cpu
+
+
+def _cpu_note(cpu: dict[str, float]) -> str:
+    return "cpu user {:.1f} ms, sys {:.1f} ms, {:.0f} minor faults (medians)".format(
+        cpu["user_ms"], cpu["sys_ms"], cpu["minflt"]
+    )
 
 
 def _build(
@@ -311,13 +334,13 @@ def fork_row(
         def after(_proc: Any, child: Any) -> None:
             child.exit()
 
-        samples = _median_wall(setup, timed, after, repeat, budget)
+        samples, row.cpu = _median_wall(setup, timed, after, repeat, budget)
         row.samples = samples
         row.runs = len(samples)
         row.emu = statistics.median(samples)
         if kernel_ms:
             row.metric = row.emu / kernel_ms
-        row.note = desc if key in ("3", "4", "5") else ""
+        row.note = (desc + "; " if key in ("3", "4", "5") else "") + _cpu_note(row.cpu)
         row.judge()
     except Exception as e:
         _err(row, e)
@@ -343,7 +366,8 @@ def populate_row(mmuemu: Any, kernel_ms: float | None, repeat: int, budget: floa
             p, a = st
             p.populate(a, GIB, write=True)
 
-        samples = _median_wall(setup, timed, lambda _s, _r: None, repeat, budget)
+        samples, row.cpu = _median_wall(setup, timed, lambda _s, _r: None, repeat, budget)
+        row.note = _cpu_note(row.cpu)
         holder.clear()
         row.samples = samples
         row.runs = len(samples)
@@ -361,12 +385,12 @@ def populate_row(mmuemu: Any, kernel_ms: float | None, repeat: int, budget: floa
 _MEM_PROBE = textwrap.dedent("""
     import gc, json, sys
 
-    def rss():
+    def rss(key="VmRSS:"):
         with open("/proc/self/status") as f:
             for ln in f:
-                if ln.startswith("VmRSS:"):
+                if ln.startswith(key):
                     return int(ln.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        raise RuntimeError("no " + key)
 
     import mmuemu
     gc.collect()
@@ -381,7 +405,8 @@ _MEM_PROBE = textwrap.dedent("""
     c = p.fork()
     gc.collect()
     r3 = rss()
-    print(json.dumps({"before": r0, "machine": r1, "populated": r2, "forked": r3}))
+    hwm = rss("VmHWM:")
+    print(json.dumps({"before": r0, "machine": r1, "populated": r2, "forked": r3, "hwm": hwm}))
 """)
 
 
@@ -411,13 +436,16 @@ def memory_row(timeout: float) -> Row:
         row.metric = per_page
         row.note = (
             "VmRSS MiB: before machine {:.0f}, after Machine+mmap {:.0f}, after populate "
-            "{:.0f}, after fork {:.0f}; populate alone {:.1f} B/pg"
+            "{:.0f}, after fork {:.0f}, peak (VmHWM) {:.0f}; populate alone {:.1f} B/pg, "
+            "peak {:.1f} B/pg"
         ).format(
             d["before"] / MIB,
             d["machine"] / MIB,
             d["populated"] / MIB,
             d["forked"] / MIB,
+            d["hwm"] / MIB,
             (d["populated"] - d["before"]) / pages,
+            (d["hwm"] - d["before"]) / pages,
         )
         row.runs = 1
         row.judge()
@@ -547,9 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     want = set(args.rows) if args.rows else set(range(1, 9))
 
-    # 1) kernel baselines, while this process is still small (before importing mmuemu/numpy)
+    # 1) kernel baselines, while this process is still small (before importing mmuemu/numpy);
+    #    THP first: right after 1 GiB of order-0 pages is freed, THP forks measure noisier
     kernel: dict[str, Any] = {}
-    for label, huge in (("order0", False), ("thp", True)):
+    for label, huge in (("thp", True), ("order0", False)):
         try:
             kernel[label] = kernel_fork(GIB, huge, args.kernel_repeat)
         except Exception as e:

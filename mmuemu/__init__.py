@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mmuemu import _malloc  # noqa: F401  (allocator settings for numpy temporaries)
 from mmuemu.arch import available_arches, register
 from mmuemu.errors import (
     ConfigError,

@@ -199,8 +199,11 @@ class Arch:
 
         Contract as the kernel's: for nr > 1 the targets are not present and map one folio.
         """
-        flat, off = expand_runs(start, nr)
-        store[flat] = self.pte_advance_pfn(np.repeat(pte, nr), off)
+        if int(nr.sum()) == len(nr):  # all single entries: no PFN to advance
+            store[start] = pte
+        else:
+            flat, off = expand_runs(start, nr)
+            store[flat] = self.pte_advance_pfn(np.repeat(pte, nr), off)
         ops.add("pte_writes", nr, items)
 
     def wrprotect_ptes(self, mm: Any, store: U64, start: I64, nr: I64, ops: Ops,

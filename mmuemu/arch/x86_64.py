@@ -82,8 +82,10 @@ class X86_64(Arch):
     def pte_pfn(self, pte: U64) -> I64:
         """Mirrors: pte_pfn (undoing the L1TF inversion)."""
         pte = np.asarray(pte, dtype=np.uint64)
-        flip = np.where(self._needs_invert(pte), PFN_MASK, ZERO)
-        return (((pte ^ flip) & PFN_MASK) >> np.uint64(12)).astype(np.int64)
+        inv = self._needs_invert(pte)
+        if inv.any():
+            pte = pte ^ np.where(inv, PFN_MASK, ZERO)
+        return ((pte & PFN_MASK) >> np.uint64(12)).view(np.int64)
 
     def pte_present(self, pte: U64) -> NDArray[np.bool_]:
         """Mirrors: pte_present (PRESENT or PROTNONE)."""
@@ -111,14 +113,17 @@ class X86_64(Arch):
     @staticmethod
     def _mksaveddirty(pte: U64) -> U64:
         """Mirrors: pte_mksaveddirty: on a Write=0 entry, move Dirty into SavedDirty."""
-        move = ((pte & RW) == 0) & ((pte & DIRTY) != 0)
-        return np.where(move, (pte & ~DIRTY) | SAVED_DIRTY, pte)
+        # cond is DIRTY when RW is clear: bit 1 (RW) shifted to bit 6 (Dirty), inverted
+        cond = ~(pte << np.uint64(5)) & DIRTY
+        dirty = pte & cond
+        return (pte & ~dirty) | (dirty << np.uint64(52))
 
     @staticmethod
     def _clear_saveddirty(pte: U64) -> U64:
         """Mirrors: pte_clear_saveddirty: on a Write=1 entry, move SavedDirty into Dirty."""
-        move = ((pte & RW) != 0) & ((pte & SAVED_DIRTY) != 0)
-        return np.where(move, (pte & ~SAVED_DIRTY) | DIRTY, pte)
+        cond = (pte << np.uint64(57)) & SAVED_DIRTY  # RW (bit 1) moved to bit 58
+        saved = pte & cond
+        return (pte & ~saved) | (saved >> np.uint64(52))
 
     def pte_wrprotect(self, pte: U64) -> U64:
         """Mirrors: pte_wrprotect: clear RW, Dirty moves to SavedDirty."""
@@ -163,7 +168,10 @@ class X86_64(Arch):
         """Mirrors: arch/x86 pte_advance_pfn (subtracts for inverted, non-present entries)."""
         step = np.asarray(nr, dtype=np.uint64) << np.uint64(12)
         pte = np.asarray(pte, dtype=np.uint64)
-        return np.where(self._needs_invert(pte), pte - step, pte + step)
+        inv = self._needs_invert(pte)
+        if not inv.any():
+            return pte + step
+        return np.where(inv, pte - step, pte + step)
 
     def pte_same_bits(self, pte: U64) -> U64:
         return pte & ~PFN_MASK

@@ -467,8 +467,7 @@ def _wp_copy(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], src
         mm.rss[MM_ANONPAGES] -= int(anon.sum())
         mm.rss[MM_SHMEMPAGES] -= int(shm.sum())
         mm.rss[MM_FILEPAGES] -= int((~anon & ~shm).sum())
-        freed = ph.ref_sub_and_free(oh, 1)
-        ops.add("folios_freed", freed)
+        ops.add("folios_freed", len(ph.ref_sub_and_free(oh, 1)))
         ops.add("mapcount_ops", len(op))
         ops.add("folio_ref_ops", len(op))
     k.pt.flat[idx] = pte

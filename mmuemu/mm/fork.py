@@ -272,9 +272,6 @@ def _copy_huge_pmds(k: Kernel, child: Mm, dst: Vma, pflat: I64, cflat: I64, depo
 
 @define(eq=False)
 class _PtePlan:
-    items: I64  # first entry of every item
-    nr: I64
-    kind: NDArray[np.int8]
     n_copy: int
     commit: Any
 
@@ -288,25 +285,26 @@ def _plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArr
     VMA at once.  Returns the plan; ``commit`` applies it and builds the Work."""
     a, ph = k.arch, k.phys
     m = len(vals)
-    none = vals == 0
     present = a.pte_present(vals)
     special = present & a.pte_special(vals)
     normal = present & ~special
-    pfn = np.where(normal, a.pte_pfn(vals), 0)
-    head = ph.head[pfn].astype(np.int64)
-    order = ph.order[head]
-    large = normal & (order > 0)
-    ae = ph.anon_exclusive[pfn] & normal
+    pfn = a.pte_pfn(vals)  # none entries give pfn 0: masked by ``normal`` wherever it matters
+    head = ph.head[pfn]
+    large = ph.order[head] > 0
+    ae = ph.anon_exclusive[pfn]
     if ae_virtual is not None:
         ae |= ae_virtual
     anon = normal & ((ph.flags[head] & F_ANON) != 0)
-    maybe_pinned = anon & parent.has_pinned & ph.folio_maybe_dma_pinned(head)
-    new_table = np.ones(m, bool)
-    new_table[1:] = tab[1:] != tab[:-1]
+    if parent.has_pinned:
+        maybe_pinned = anon & ph.folio_maybe_dma_pinned(head)
+    else:
+        maybe_pinned = None
+    new_table = np.empty(m, bool)
+    new_table[:1] = True
+    np.not_equal(tab[1:], tab[:-1], out=new_table[1:])
 
     # ---- folio_pte_batch: which entries continue the batch of the previous one
-    cont = np.zeros(m, bool)
-    region = np.zeros(m, bool)  # entries that go alone because their batch would fail
+    region = None  # entries that go alone because their batch would fail (-EAGAIN)
     if mode == "batched" and large.any():
         ign = a.pte_wrprotect(a.pte_mkold(vals))
         if src.flags & VmFlag.SHARED:
@@ -314,100 +312,128 @@ def _plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArr
         if not src.flags & VmFlag.SOFTDIRTY:
             ign = a.pte_clear_soft_dirty(ign)
         bits = a.pte_same_bits(ign)
-        cont[1:] = (large[1:] & large[:-1] & (head[1:] == head[:-1]) & (pfn[1:] == pfn[:-1] + 1)
+        cont = np.zeros(m, bool)
+        cont[1:] = (large[1:] & normal[1:] & (head[1:] == head[:-1]) & (pfn[1:] == pfn[:-1] + 1)
                     & (bits[1:] == bits[:-1]))
         cont &= ~new_table
-        # pinned: a batch holding an exclusive page of a maybe-pinned folio fails (-EAGAIN);
-        # every entry up to its last exclusive page then goes alone
-        bstart = np.flatnonzero(~cont)
-        bend = np.append(bstart[1:], m)
-        pin_b = maybe_pinned[bstart] & np.logical_or.reduceat(ae, bstart) & ((bend - bstart) > 1)
-        if pin_b.any():
-            posn = np.where(ae, np.arange(m), -1)
-            last_ae = np.maximum.reduceat(posn, bstart)
-            rs, re_ = bstart[pin_b], last_ae[pin_b] + 1
-            idx, _ = expand_runs(rs, re_ - rs)
-            region[idx] = True
-            cont[idx] = False
-            cont[re_[re_ < m]] = False
-    starts = np.flatnonzero(~cont)
-    nr = np.diff(np.append(starts, m))
-    kind = np.where(normal[starts], K_PRESENT, np.where(special[starts], K_SPECIAL, K_NONE)).astype(np.int8)
-    batched_path = (mode == "batched") & large[starts] & (nr > 0)
-    is_copy = maybe_pinned[starts] & ae[starts] & (nr == 1)
-    # -EAGAIN: singles of maybe-pinned large folios in batched mode (the batch attempt fails),
-    # and exclusive maybe-pinned pages on the single path (copy_present_page without prealloc)
-    single_pinned = (nr == 1) & maybe_pinned[starts]
-    eagain = single_pinned & (region[starts] | ae[starts])
-    n_copy = int(is_copy.sum())
+        if maybe_pinned is not None:
+            # a batch holding an exclusive page of a maybe-pinned folio fails; every entry
+            # up to its last exclusive page then goes alone
+            bstart = np.flatnonzero(~cont)
+            bend = np.append(bstart[1:], m)
+            pin_b = maybe_pinned[bstart] & np.logical_or.reduceat(ae, bstart) & ((bend - bstart) > 1)
+            if pin_b.any():
+                last_ae = np.maximum.reduceat(np.where(ae, np.arange(m), -1), bstart)
+                rs, re_ = bstart[pin_b], last_ae[pin_b] + 1
+                idx, _ = expand_runs(rs, re_ - rs)
+                region = np.zeros(m, bool)
+                region[idx] = True
+                cont[idx] = False
+                cont[re_[re_ < m]] = False
+        starts = np.flatnonzero(~cont)
+        batched_path = large[starts] & normal[starts]
+    else:
+        starts = np.arange(m)
+        batched_path = None
+    nr = np.diff(np.append(starts, m)) if len(starts) < m else np.ones(m, np.int64)
+    if maybe_pinned is not None:
+        sp = maybe_pinned[starts] & (nr == 1)
+        is_copy = sp & ae[starts]
+        eagain = sp & (ae[starts] | (region[starts] if region is not None else False))
+    else:
+        is_copy = eagain = None
+    n_copy = 0 if is_copy is None else int(is_copy.sum())
 
     def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64, cidx: I64, copy_pages: I64,
                works: list[Work]) -> None:
-        _commit(k, parent, child, src, dst, mode, vals, pidx, cidx, tab, addr, starts, nr, kind,
-                normal, anon, head, pfn, ae, is_copy, eagain, batched_path, new_table, none,
-                copy_pages, works)
+        e = _Entries(vals, normal, special, pfn, head, ae, anon, new_table)
+        _commit(k, parent, child, src, dst, mode, e, pidx, cidx, starts, nr, is_copy, eagain,
+                batched_path, copy_pages, works)
 
-    return _PtePlan(starts, nr, kind, n_copy, commit)
+    return _PtePlan(n_copy, commit)
 
 
-def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str,
-            vals: NDArray[np.uint64], pidx: I64, cidx: I64, tab: I64, addr: I64, starts: I64,
-            nr: I64, kind: NDArray[np.int8], normal: B, anon: B, head: I64, pfn: I64, ae: B,
-            is_copy: B, eagain: B, batched_path: B, new_table: B, none: B, copy_pages: I64,
-            works: list[Work]) -> None:
+@define(eq=False)
+class _Entries:
+    """Per-entry facts of the parent's PTEs, from planning."""
+
+    vals: NDArray[np.uint64]
+    normal: B
+    special: B
+    pfn: I64
+    head: NDArray[np.int32]
+    ae: B
+    anon: B
+    new_table: B
+
+
+def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: _Entries,
+            pidx: I64, cidx: I64, starts: I64, nr: I64, is_copy: B | None, eagain: B | None,
+            batched_path: B | None, copy_pages: I64, works: list[Work]) -> None:
     """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries."""
     a, ph = k.arch, k.phys
     n_items = len(starts)
+    m = len(e.vals)
+    singles = n_items == m
     ops = Ops(n_items)
-    items = np.arange(n_items)
     flat = k.pt.flat
-    m = len(vals)
 
-    # ---- dup items (present, not copied)
-    dup = (kind != K_NONE) & ~is_copy
+    # ---- dup items: present and not copied
+    dup = e.normal[starts] | e.special[starts]
+    if is_copy is not None:
+        dup &= ~is_copy
     di = np.flatnonzero(dup)
-    d_start, d_nr = starts[di], nr[di]
-    d_norm = normal[d_start]
-    # entries covered by dup items
-    ent, _off = expand_runs(d_start, d_nr)
-    ent_item = np.repeat(di, d_nr)
-    ent_norm = normal[ent]
-    # refcount: one folio_ref_add per item
-    nh = head[d_start[d_norm]]
-    np.add.at(ph.refcount, nh, d_nr[d_norm].astype(np.int32))
-    ops.add("folio_ref_ops", 1, di[d_norm])
-    # mapcount: one atomic per page (v6.9), large mapcount once per item
-    mp = pfn[ent[ent_norm]]
-    ph.mapcount[mp] += 1
-    ops.add("mapcount_ops", 1, ent_item[ent_norm])
-    lg = ph.order[nh] > 0
-    np.add.at(ph.large_mapcount, nh[lg], d_nr[d_norm][lg].astype(np.int32))
+    d_start = starts[di]
+    d_nr = nr[di]
+    if singles:
+        ent, ent_item = d_start, di
+    else:
+        ent, _ = expand_runs(d_start, d_nr)
+        ent_item = np.repeat(di, d_nr)
+    norm_ent = e.normal[ent]
+    if not norm_ent.all():
+        ent_n, item_n = ent[norm_ent], ent_item[norm_ent]
+    else:
+        ent_n, item_n = ent, ent_item
+    pfn_n = e.pfn[ent_n]
+    # refcount: one folio_ref_add (or folio_get) per item
+    ni = di[e.normal[d_start]]
+    ph.scatter_add(ph.refcount, e.head[starts[ni]], nr[ni])
+    ops.add("folio_ref_ops", 1, ni)
+    # mapcount: one atomic per page (v6.9); the large mapcount once per item
+    ph.mapcount[pfn_n] += 1
+    ops.add("mapcount_ops", 1, item_n)
+    h_items = e.head[starts[ni]]
+    lg = ph.order[h_items] > 0
+    if lg.any():
+        ph.scatter_add(ph.large_mapcount, h_items[lg], nr[ni][lg])
     # AnonExclusive cleared on every page that had it
-    ae_ent = ent[ent_norm][ae[ent[ent_norm]]]
-    if len(ae_ent):
-        ph.anon_exclusive[pfn[ae_ent]] = False
-        ops.add("anon_exclusive_clears", 1, ent_item[ent_norm][ae[ent[ent_norm]]])
+    ae_n = e.ae[ent_n]
+    if ae_n.any():
+        ph.anon_exclusive[pfn_n[ae_n]] = False
+        ops.add("anon_exclusive_clears", 1, item_n[ae_n])
     # rss of the child
-    e_anon = anon[ent] & ent_norm
-    child.rss[MM_ANONPAGES] += int(e_anon.sum())
-    file_e = ent_norm & ~anon[ent]
-    if file_e.any():
-        shm = (ph.flags[head[ent[file_e]]] & F_SWAPBACKED) != 0
+    anon_n = e.anon[ent_n]
+    n_anon = int(anon_n.sum())
+    child.rss[MM_ANONPAGES] += n_anon
+    if n_anon < len(ent_n):
+        shm = (ph.flags[e.head[ent_n[~anon_n]]] & F_SWAPBACKED) != 0
         child.rss[MM_SHMEMPAGES] += int(shm.sum())
         child.rss[MM_FILEPAGES] += int((~shm).sum())
 
     # ---- __copy_present_ptes: parent wrprotect, child entries from the first pte
-    wr_ent = a.pte_write(vals[ent])
-    any_w = np.zeros(len(di), bool)
-    np.logical_or.at(any_w, np.repeat(np.arange(len(di)), d_nr), wr_ent)
-    pte = vals[d_start]
-    pte = np.where(any_w & ~a.pte_write(pte), a.pte_mkwrite(pte), pte)
-    if src.is_cow:
-        w = a.pte_write(pte)
-        wi = np.flatnonzero(w)
-        if len(wi):
-            a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi])
-        pte = np.where(w, a.pte_wrprotect(pte), pte)
+    pte = e.vals[d_start]
+    write = a.pte_write(pte)
+    if not singles:
+        any_w = np.logical_or.reduceat(a.pte_write(e.vals[ent]), np.cumsum(d_nr) - d_nr) if len(ent) else write
+        mk = any_w & ~write
+        if mk.any():
+            pte[mk] = a.pte_mkwrite(pte[mk])
+            write = any_w
+    if src.is_cow and write.any():
+        wi = np.flatnonzero(write)
+        a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi])
+        pte[wi] = a.pte_wrprotect(pte[wi])
     if src.flags & VmFlag.SHARED:
         pte = a.pte_mkclean(pte)
     pte = a.pte_mkold(pte)
@@ -416,10 +442,10 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str,
     a.set_ptes(child, flat, cidx[d_start], pte, d_nr, ops, di)
 
     # ---- pinned exclusive pages: copy_present_page into the preallocated pages
-    ci = np.flatnonzero(is_copy)
-    if len(ci):
+    if is_copy is not None and is_copy.any():
+        ci = np.flatnonzero(is_copy)
         ce = starts[ci]
-        ph.token[copy_pages] = ph.token[pfn[ce]]
+        ph.token[copy_pages] = ph.token[e.pfn[ce]]
         ph.mapcount[copy_pages] = 1
         ph.anon_exclusive[copy_pages] = True
         cp = a.pte_mkdirty(a.pfn_pte(copy_pages, a.vm_get_page_prot(dst.prot)))
@@ -432,36 +458,44 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str,
         ops.add("pte_writes", 1, ci)
         ops.add("mapcount_ops", 1, ci)
         ops.add("folio_ref_ops", 2, ci)  # folio_get + folio_put of the failed dup
-    ei = np.flatnonzero(eagain)
-    if len(ei):
+    if eagain is not None and eagain.any():
+        ei = np.flatnonzero(eagain)
         ops.add("prealloc_retries", 1, ei)
         ops.add("folio_allocs", 1, ei)
-        bp = ei[batched_path[ei]]
-        ops.add("folio_ref_ops", 2, bp)  # folio_ref_add + folio_ref_sub of the failed batch
-        freed = ei[~is_copy[ei]]
-        ops.add("folios_freed", 1, freed)  # the unused prealloc
+        if batched_path is not None:
+            ops.add("folio_ref_ops", 2, ei[batched_path[ei]])  # ref_add + ref_sub of the failed batch
+        assert is_copy is not None
+        ops.add("folios_freed", 1, ei[~is_copy[ei]])  # the unused prealloc
 
     # ---- the loop's own work: reads, progress, checkpoints, sections
+    items = np.arange(n_items)
     ops.add("pte_reads", 1, items)
-    bi = np.flatnonzero(batched_path & (kind == K_PRESENT))
-    if len(bi):
+    if batched_path is not None and batched_path.any():
+        bi = np.flatnonzero(batched_path)
         ops.add("pte_reads", nr[bi] - 1, bi)
-        tab_end = np.append(np.flatnonzero(new_table[1:]) + 1, m)
+        # folio_pte_batch also reads the entry that ends a batch, unless the table ended
         stop = starts[bi] + nr[bi]
-        end_of_tab = tab_end[np.searchsorted(tab_end, starts[bi], side="right")]
-        ops.add("pte_reads", (stop < end_of_tab).astype(np.int64), bi)  # the mismatch read
+        more = stop < m
+        more[more] = ~e.new_table[stop[more]]
+        ops.add("pte_reads", more.astype(np.int64), bi)
         ops.add("fork_batched_ptes", nr[bi], bi)
-    present_items = np.flatnonzero(kind != K_NONE)
+    present_items = di if is_copy is None else np.flatnonzero(dup | is_copy)
     ops.add("fork_batches", 1, present_items)
-    inc = np.where(kind == K_NONE, 1, 8 * (nr if mode == "batched" else 1)).astype(np.int64)
-    sec_start = np.flatnonzero(new_table[starts] | eagain)
+    none_item = ~(e.normal[starts] | e.special[starts])
+    if mode == "batched":
+        inc = np.where(none_item, 1, 8 * nr)
+    else:
+        inc = np.where(none_item, 1, 8)
+    sec = e.new_table[starts]
+    if eagain is not None:
+        sec = sec | eagain
+    sec_start = np.flatnonzero(sec)
     cps = checkpoints(inc, sec_start)
     ops.add("resched_checks", 1, cps)
     ops.add("ptl_locks", 2, sec_start)
     ops.add("cond_resched", 1, sec_start)
     ops.add("copy_pte_range", 1, sec_start)
-    first_tab = np.flatnonzero(new_table[starts])
-    ops.add("pgtable_allocs", 1, first_tab)
+    ops.add("pgtable_allocs", 1, np.flatnonzero(e.new_table[starts]))
     lock_ids = cidx[starts[sec_start]] // k.arch.ptrs_per_table
     works.append(Work("copy_pte_range", ops, sections=sec_start, locks=("ptl", "ptl"),
                       lock_ids=lock_ids, checkpoints=cps))

@@ -63,6 +63,8 @@ class PhysMem:
     free_order: NDArray[np.uint8] = field(init=False)  # order + 1 at free block starts
     free_lists: list[set[int]] = field(init=False)
     nr_free: int = field(init=False, default=0)
+    #: scratch space for duplicate detection in scatter_add (touched lazily)
+    _scratch: NDArray[np.int32] = field(init=False)
     #: allocation-failure injection: number of allocation calls left before one fails
     fail_countdown: int | None = field(init=False, default=None)
 
@@ -79,6 +81,7 @@ class PhysMem:
         self.pincount = np.zeros(n, dtype=np.int32)
         self.flags = np.zeros(n, dtype=np.uint8)
         self.free_order = np.zeros(n, dtype=np.uint8)
+        self._scratch = np.zeros(n, dtype=np.int32)
         self.free_lists = [set() for _ in range(MAX_ORDER + 1)]
         self.flags[ZERO_PFN] = F_ALLOC | F_RESERVED
         self.refcount[ZERO_PFN] = 1
@@ -208,6 +211,36 @@ class PhysMem:
         self.flags[heads] = F_ALLOC | flags
         return heads
 
+    def scatter_add(self, arr: NDArray[np.int32], idx: I64, val: I64 | int) -> None:
+        """``arr[idx] += val`` where ``idx`` may repeat (like np.add.at, much faster).
+
+        Adjacent repeats (pages of one folio in address order) are summed first; indices
+        that are then strictly increasing are unique; others are checked with a scratch array.
+        """
+        idx = np.asarray(idx)
+        if not len(idx):
+            return
+        val = np.broadcast_to(np.asarray(val, dtype=arr.dtype), idx.shape)
+        if len(idx) > 1:
+            step = np.diff(idx)
+            if (step > 0).all():
+                arr[idx] += val
+                return
+            same = step == 0
+            if same.any():
+                starts = np.concatenate([[0], np.flatnonzero(~same) + 1])
+                val = np.add.reduceat(val, starts)
+                idx = idx[starts]
+                if len(idx) == 1 or (np.diff(idx) > 0).all():
+                    arr[idx] += val
+                    return
+        pos = np.arange(len(idx), dtype=np.int32)
+        self._scratch[idx] = pos
+        if (self._scratch[idx] != pos).any():
+            np.add.at(arr, idx, val)
+        else:
+            arr[idx] += val
+
     def folio_of(self, pfn: I64) -> I64:
         """Mirrors: page_folio: the head PFN of the folio each page belongs to."""
         return self.head[pfn].astype(np.int64)
@@ -217,20 +250,22 @@ class PhysMem:
 
     def ref_add(self, heads: I64, nr: I64 | int) -> None:
         """Mirrors: folio_ref_add (many folios; repeated heads add up)."""
-        np.add.at(self.refcount, heads, np.asarray(nr, dtype=np.int32))
+        self.scatter_add(self.refcount, heads, nr)
 
-    def ref_sub_and_free(self, heads: I64, nr: I64 | int) -> int:
+    def ref_sub_and_free(self, heads: I64, nr: I64 | int) -> NDArray[np.int8]:
         """Mirrors: folio_ref_sub / folio_put; frees folios whose refcount reaches 0.
 
-        Returns the number of folios freed.
+        Returns the orders of the folios freed.
         """
         heads = np.asarray(heads, dtype=np.int64)
-        np.subtract.at(self.refcount, heads, np.asarray(nr, dtype=np.int32))
-        uniq = np.unique(heads)
-        dead = uniq[self.refcount[uniq] == 0]
+        self.scatter_add(self.refcount, heads, -np.asarray(nr, dtype=np.int64))
+        dead = heads[self.refcount[heads] == 0]
+        if len(dead) > 1:
+            dead = np.unique(dead)
+        orders = self.order[dead]
         if len(dead):
             self.free_folios(dead)
-        return len(dead)
+        return orders
 
     def free_folios(self, heads: I64) -> None:
         """Mirrors: free_unref_folios: give the pages of dead folios back to the buddy."""

@@ -32,7 +32,8 @@ def checkpoints(inc: I64, sections: I64) -> I64:
     lens = np.diff(bounds)
     first = inc[bounds[:-1]]
     uniform = np.ones(len(lens), bool)
-    change = np.flatnonzero(np.diff(inc) != 0) + 1  # items whose inc differs from the previous
+    lo, hi = inc.min(), inc.max()
+    change = np.flatnonzero(np.diff(inc) != 0) + 1 if lo != hi else np.zeros(0, np.int64)
     if len(change):
         sec_of = np.searchsorted(bounds, change, side="right") - 1
         inner = change > bounds[sec_of]

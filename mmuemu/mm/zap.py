@@ -63,10 +63,9 @@ def zap_range(k: Kernel, mm: Mm, start: int, end: int, *, mode: str | None = Non
     if drop_heads:
         heads = np.concatenate(drop_heads)
         nrs = np.concatenate(drop_nr)
-        uniq, inv = np.unique(heads, return_inverse=True)
-        dies = ph.refcount[uniq] == np.bincount(inv, weights=nrs).astype(np.int64)
-        small = int((ph.order[uniq[dies]] == 0).sum())
-        freed = ph.ref_sub_and_free(heads, nrs)
+        dead = ph.ref_sub_and_free(heads, nrs)
+        freed = len(dead)
+        small = int((dead == 0).sum())
         ops.add("folios_freed", freed)
         ops.add("folios_freed_small", small)
         ops.add("folios_freed_large", freed - small)
