@@ -216,7 +216,7 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
             alloc_pages = none
         else:
             alloc_pages = np.zeros(len(vals), bool)
-        zero_pages = none & ~write
+        zero_pages = none & (not write)
         file_pages = np.zeros(len(vals), bool)
         cow_new = np.zeros(len(vals), bool)
     else:

@@ -1,0 +1,171 @@
+"""The public API of DESIGN.md, exactly as written there, on x86_64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mmuemu
+
+MiB = 1 << 20
+
+
+def test_available_arches() -> None:
+    assert "x86_64" in mmuemu.available_arches()
+
+
+def test_design_walkthrough(m: mmuemu.Machine) -> None:
+    p = m.spawn(name="parent")
+    n = 4 * MiB
+    a = p.mmap(n, prot="rw")
+    p.madvise(a, n, "hugepage")
+    p.set_folio_orders([4, 2])
+    p.populate(a, n, write=True)
+    assert p.read(a) == 0
+    p.write(a, 0xC0FFEE)
+    p.write(a, 7, length=n)
+    assert p.read(a) == 7
+    assert (p.read(a, length=n) == 7).all()
+    c = p.fork()
+    assert p.rss["anon"] == n // 4096 == c.rss["anon"]
+    p.mprotect(a, n, "r")
+    b = p.mremap(a, n, 2 * n)
+    ref = p.get_pages(b, n)
+    pin = p.pin(b, n, write=False, longterm=True)
+    assert (pin.read() == 7).all() and (ref.read() == 7).all()
+    pin.release()
+    ref.release()
+    p.munmap(b, 2 * n)
+    c.exit()
+    m.check()
+
+
+def test_measure_and_stats(m: mmuemu.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(2 * MiB)
+    p.populate(a, 2 * MiB)
+    with m.measure() as t:
+        c = p.fork()
+    assert t.ns > 0
+    assert t.counts["fork_batches"] == 512
+    assert t.counts["tlb_flush_mm"] == 1
+    assert m.stats["fork_batches"] == 512
+    c.exit()
+
+
+def test_pte_and_folio_info(m: mmuemu.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(64 * 1024)
+    p.set_folio_orders([4])
+    p.write(a, 1)
+    pte = p.pte(a)
+    assert pte.present and pte.write and pte.dirty and pte.young and not pte.special
+    f = p.folio(a)
+    assert f.order == 4 and f.refcount == 16 and f.mapcount == 1 and f.anon and f.anon_exclusive
+    c = p.fork()
+    assert not p.pte(a).write and not c.pte(a).write
+    assert not c.pte(a).young and p.pte(a).young  # the child's entries are made old
+    assert p.pte(a).dirty and c.pte(a).dirty  # private: dirty kept (as SavedDirty on x86)
+    assert p.pte(a).raw >> 58 & 1 and not p.pte(a).raw >> 6 & 1
+    f = p.folio(a)
+    assert f.refcount == 32 and f.mapcount == 2 and not f.anon_exclusive
+    m.check()
+
+
+def test_read_fault_maps_zero_page(m: mmuemu.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(8192)
+    assert p.read(a) == 0
+    assert p.pte(a).special and not p.pte(a).write
+    assert p.rss["anon"] == 0
+    p.write(a, 3)
+    assert p.rss["anon"] == 1 and p.folio(a).order == 0
+    m.check()
+
+
+def test_pmd_thp_and_split(m: mmuemu.Machine) -> None:
+    p = m.spawn()
+    p.set_folio_orders([9])
+    a = p.mmap(4 * MiB, align=2 * MiB)
+    p.populate(a, 4 * MiB)
+    f = p.folio(a + 8192)
+    assert f.order == 9 and f.entire_mapcount == 1 and f.refcount == 1
+    assert p.pte(a).pmd
+    c = p.fork()
+    assert p.folio(a).refcount == 2
+    c.write(a + 4096, 5)  # PMD COW: split, then a 4K copy
+    assert p.read(a + 4096) == 0 and c.read(a + 4096) == 5
+    assert not c.pte(a).pmd and c.folio(a).order == 9 and c.folio(a + 4096).order == 0
+    m.check()
+    p.split_huge_pmd(a, 4 * MiB)
+    assert not p.pte(a).pmd and p.folio(a).order == 9
+    m.check()
+
+
+def test_shared_anon_is_shared_after_fork(m: mmuemu.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(16384, shared=True)
+    p.write(a, 1, length=16384)
+    c = p.fork()
+    c.write(a, 2)
+    assert p.read(a) == 2
+    assert p.rss["shmem"] == 4
+    c.exit()
+    p.munmap(a, 16384)
+    m.check()
+    assert p.rss["shmem"] == 0
+
+
+def test_file_mappings(m: mmuemu.Machine) -> None:
+    f = m.file("data.bin", 8 * 4096)
+    p = m.spawn()
+    a = p.mmap(8 * 4096, prot="r", file=f)
+    q = m.spawn()
+    b = q.mmap(8 * 4096, prot="rw", shared=True, file=f)
+    q.write(b, 9)
+    assert p.read(a) == 9 and p.rss["file"] == 1
+    c = m.spawn()
+    d = c.mmap(8 * 4096, prot="rw", file=f)
+    c.write(d, 4)  # private COW of a file page
+    assert c.rss == {"anon": 1, "file": 0, "shmem": 0, "swap": 0}
+    assert p.read(a) == 9
+    m.check()
+
+
+@pytest.mark.parametrize("mode", ["batched", "legacy"])
+def test_wipeonfork_dontfork(m: mmuemu.Machine, mode: str) -> None:
+    p = m.spawn()
+    a = p.mmap(3 * 8192)
+    p.write(a, 1, length=3 * 8192)
+    p.madvise(a, 8192, "dontfork")
+    p.madvise(a + 8192, 8192, "wipeonfork")
+    c = p.fork(mode=mode)
+    with pytest.raises(mmuemu.SegmentationFault):
+        c.read(a)
+    assert c.read(a + 8192) == 0 and c.read(a + 16384) == 1
+    m.check()
+
+
+def test_exit_frees_everything(m: mmuemu.Machine) -> None:
+    free0 = m.free_pages
+    p = m.spawn()
+    p.set_folio_orders([9, 4])
+    a = p.mmap(8 * MiB, align=2 * MiB)
+    p.populate(a, 8 * MiB)
+    c = p.fork()
+    c.write(a, 3, length=MiB)
+    c.exit()
+    p.exit()
+    m.check()
+    assert m.free_pages == free0
+    # the buddy merged everything back: the same block layout as a new machine
+    fresh = mmuemu.Machine(arch="x86_64", memory="256MiB").kernel.phys.free_lists
+    assert [len(s) for s in m.kernel.phys.free_lists] == [len(s) for s in fresh]
+
+
+def test_tokens_array(m: mmuemu.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(5 * 4096)
+    for i in range(5):
+        p.write(a + i * 4096, 100 + i)
+    assert np.array_equal(p.read(a, length=5 * 4096), np.arange(100, 105))
