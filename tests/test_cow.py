@@ -51,7 +51,7 @@ CHILD_TOKEN = 0xC0DE
 
 
 def _machine(fork_mode: str):
-    return mmuemu.Machine(arch="x86_64", memory="1GiB", cpus=4, fork_mode=fork_mode)
+    return mmuemu.Machine(arch="x86_64", memory="256MiB", cpus=4, fork_mode=fork_mode)
 
 
 def _npages(size: int) -> int:

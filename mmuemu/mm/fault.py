@@ -166,12 +166,12 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
             undo.rows.append(deposit)
     leaf_split = np.zeros(0, np.int64)
     leaf_wp_reuse = np.zeros(0, np.int64)
-    if write and leaf.any():
+    if (write or unshare) and leaf.any():
         lv = a.pmd_to_pte(pmd[leaf])
-        needs = ~a.pte_write(lv)
         heads = a.pte_pfn(lv)
-        reuse = ph.anon_exclusive[heads] | (ph.refcount[heads] == 1)
-        reuse &= (ph.flags[heads] & F_ANON) != 0
+        is_anon = (ph.flags[heads] & F_ANON) != 0
+        needs = ~a.pte_write(lv) if write else is_anon & ~ph.anon_exclusive[heads]
+        reuse = (ph.anon_exclusive[heads] | (ph.refcount[heads] == 1)) & is_anon
         li = np.flatnonzero(leaf)
         leaf_wp_reuse = li[needs & reuse]
         leaf_split = li[needs & ~reuse]
@@ -233,8 +233,10 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
     if (write or unshare) and present.any():
         if write:
             wp = present & ~a.pte_write(vals)
-        else:  # unshare: only anon pages not known exclusive
+        else:  # unshare: anon pages not known exclusive, and the shared zero page
             wp = is_anon & ~ph.anon_exclusive[np.where(normal, pfn, 0)]
+            if not vma.flags & VmFlag.SHARED:
+                wp |= present & a.pte_special(vals) & (pfn == ZERO_PFN)
     if vma.flags & VmFlag.SHARED:
         reuse = wp  # wp_page_shared: the page itself becomes writable
     else:
@@ -267,7 +269,8 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
             lv = a.pmd_to_pte(flat[lf])
             h = a.pte_pfn(lv)
             ph.anon_exclusive[h] = True
-            flat[lf] = a.pte_to_pmd(a.pte_mkyoung(a.pte_mkdirty(a.pte_mkwrite(lv))))
+            if write:
+                flat[lf] = a.pte_to_pmd(a.pte_mkyoung(a.pte_mkdirty(a.pte_mkwrite(lv))))
             ops.add("page_faults", len(lf))
             ops.add("cow_reuses", len(lf))
         cur = flat[idx]

@@ -75,6 +75,19 @@ def _check_mapped(mm: Mm, start: int, end: int, what: str) -> list[Vma]:
     return vmas
 
 
+def split_vmas(k: Kernel, mm: Mm, start: int, end: int, ops: Ops | None = None) -> list[Vma]:
+    """Split VMAs at ``start`` and ``end``, splitting PMD leaves that straddle either edge.
+
+    Mirrors: __split_vma with vma_adjust_trans_huge (split_huge_pmd_address at the edges).
+    """
+    ops = ops if ops is not None else Ops()
+    size = 1 << k.arch.pmd_shift
+    for edge in (start, end):
+        if edge % size:
+            split_huge_pmds_in(k, mm, edge, edge + 1, ops)
+    return mm.vmas.split(start, end)
+
+
 def do_mmap(k: Kernel, mm: Mm, length: int, prot: str, *, addr: int | None = None,
             shared: bool = False, align: int | None = None, file: File | None = None,
             offset: int = 0) -> int:
@@ -128,7 +141,7 @@ def do_munmap(k: Kernel, mm: Mm, start: int, length: int) -> Generator[Work, Any
     if not mm.vmas.overlapping(start, end):
         return
     yield from zap_range(k, mm, start, end)
-    for v in mm.vmas.split(start, end):
+    for v in split_vmas(k, mm, start, end):
         mm.vmas.remove(v)
     k.pt.free_unused(mm.pgd_row, start, end, mm.vmas.in_use)
     k.release_unused_files()
@@ -146,7 +159,7 @@ def do_mprotect(k: Kernel, mm: Mm, start: int, length: int, prot: str) -> Genera
                                   f"access to the file (EACCES)")
     ops = Ops()
     split_huge_pmds_in(k, mm, start, end, ops)
-    for v in mm.vmas.split(start, end):
+    for v in split_vmas(k, mm, start, end, ops):
         v.flags = (v.flags & ~PROT_BITS) | newprot
         _change_protection(k, mm, v, ops)
     k.arch.flush_tlb_range(mm, start, end, ops, k.cpu)
@@ -219,7 +232,7 @@ def do_madvise(k: Kernel, mm: Mm, start: int, length: int, advice: str) -> Gener
         "wipeonfork": (VmFlag.WIPEONFORK, VmFlag(0)),
         "keeponfork": (VmFlag(0), VmFlag.WIPEONFORK),
     }[advice]
-    for v in mm.vmas.split(start, end):
+    for v in split_vmas(k, mm, start, end):
         v.flags = (v.flags | set_) & ~clear
     mm.vmas.merge(start, end)
     yield Work("madvise", Ops())
@@ -276,7 +289,7 @@ def _move_vma(k: Kernel, mm: Mm, old: int, length: int, new: int) -> Generator[W
     n = a.ptrs_per_table
     ops = Ops()
     split_huge_pmds_in(k, mm, old, old + length, ops, partial_only=False)
-    src = mm.vmas.split(old, old + length)[0]
+    src = split_vmas(k, mm, old, old + length, ops)[0]
     dst = src.copy(start=new, end=new + length)
     # source entries
     slots = pt.pmd_slots(mm.pgd_row, old, old + length)
