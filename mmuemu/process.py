@@ -13,7 +13,7 @@ from mmuemu.info import FolioInfo, PteInfo
 from mmuemu.mm import fault, fork, gup, huge_memory, mmap, zap
 from mmuemu.mm.mm import RSS_NAMES, Mm
 from mmuemu.mm.physmem import F_ANON, F_RESERVED
-from mmuemu.mm.vma import File
+from mmuemu.mm.vma import File, VmFlag
 from mmuemu.mm.work import Ops, Work
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ class Process:
     @property
     def vmas(self) -> list[tuple[int, int, str]]:
         """(start, end, flags) of every VMA."""
-        return [(v.start, v.end, str(v.flags)) for v in self.mm.vmas]
+        return [(v.start, v.end, VmFlag.names(v.flags)) for v in self.mm.vmas]
 
 
 def _one(work: Work):  # type: ignore[no-untyped-def]

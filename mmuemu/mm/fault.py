@@ -59,7 +59,7 @@ def check_access(mm: Mm, start: int, end: int, write: bool) -> list[Vma]:
     raise SegmentationFault(f"access at {addr:#x}: no mapping there (SIGSEGV)")
 
 
-def _prot_str(flags: VmFlag) -> str:
+def _prot_str(flags: int) -> str:
     s = "".join(c for c, f in (("r", VmFlag.READ), ("w", VmFlag.WRITE), ("x", VmFlag.EXEC)) if flags & f)
     return s or "none"
 

@@ -28,7 +28,7 @@ from mmuemu.errors import InvalidArgument, OutOfMemory
 from mmuemu.mm.huge_memory import split_huge_pmds
 from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
-from mmuemu.mm.progress import checkpoints
+from mmuemu.mm.progress import checkpoint_count, checkpoints
 from mmuemu.mm.vma import AnonVma, Vma, VmFlag
 from mmuemu.mm.work import Ops, Work
 from mmuemu.runs import expand_runs
@@ -155,13 +155,14 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
         thp = thp[~pinned]
 
     # ---- child tables for every slot we copy
-    copy_slot = np.zeros(len(va), bool)
-    copy_slot[~leaf] = True
+    copy_slot = ~leaf
     copy_slot[split] = True
+    want = copy_slot.copy()
+    want[thp] = True
     child_rows: list[int] = []
-    cslots = _child_slots(k, child, va[copy_slot | np.isin(np.arange(len(va)), thp)], child_rows)
-    cmap = dict(zip(cslots.va.tolist(), cslots.flat.tolist(), strict=True))
-    cflat_all = np.array([cmap.get(int(v), -1) for v in va], dtype=np.int64)
+    cslots = _child_slots(k, child, va[want], child_rows)
+    cflat_all = np.full(len(va), -1, np.int64)
+    cflat_all[want] = cslots.flat[np.searchsorted(cslots.va, va[want])]
     crow = np.full(len(va), -1, np.int64)
     sel = np.flatnonzero(copy_slot)
     if len(sel):
@@ -181,12 +182,20 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     hi = np.minimum(va + (n << 12), src.end)
     first = (lo - va) >> 12
     cnt = np.where(copy_slot, (hi - lo) >> 12, 0)
-    pidx, off = expand_runs(prow * n + first, cnt)
-    cidx = np.repeat(crow * n + first, cnt) + off
-    addr = np.repeat(lo, cnt) + (off << 12)
-    tab = np.repeat(np.arange(len(va)), cnt)
-    vals = pt.flat[pidx]
+    full = cnt == n
+    if full.all():  # whole tables: gather rows, not entries
+        ar = np.arange(n, dtype=np.int64)
+        pidx = (prow[:, None] * n + ar[None, :]).ravel()
+        cidx = (crow[:, None] * n + ar[None, :]).ravel()
+        vals = pt.entries[prow].ravel()
+    else:
+        pidx, off = expand_runs(prow * n + first, cnt)
+        cidx = np.repeat(crow * n + first, cnt) + off
+        vals = pt.flat[pidx]
+    new_table = np.zeros(len(vals), bool)
+    new_table[(np.cumsum(cnt) - cnt)[cnt > 0]] = True
     if len(split):
+        tab = np.repeat(np.arange(len(va)), cnt)
         is_split = np.isin(tab, split)
         base = a.pmd_to_pte(pmd)
         vals[is_split] = a.pte_advance_pfn(base[tab[is_split]], (pidx[is_split] % n))
@@ -194,9 +203,8 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
         h = a.pte_pfn(base[tab[is_split]])
         ae_virtual[is_split] = ph.anon_exclusive[h]
     else:
-        is_split = None
         ae_virtual = None
-    plan = _plan_ptes(k, parent, src, dst, mode, vals, tab, addr, ae_virtual)
+    plan = _plan_ptes(k, parent, src, dst, mode, vals, new_table, ae_virtual)
     if plan.n_copy:
         try:
             copy.copy_pages = ph.new_folios(0, plan.n_copy, F_ANON | F_SWAPBACKED)
@@ -280,9 +288,10 @@ K_NONE, K_PRESENT, K_SPECIAL = 0, 1, 2
 
 
 def _plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArray[np.uint64],
-               tab: I64, addr: I64, ae_virtual: B | None) -> _PtePlan:
+               new_table: B, ae_virtual: B | None) -> _PtePlan:
     """Mirrors: copy_pte_range / copy_present_ptes / folio_pte_batch over every entry of the
-    VMA at once.  Returns the plan; ``commit`` applies it and builds the Work."""
+    VMA at once.  ``new_table`` marks each table's first entry.  Returns the plan; its
+    ``commit`` applies it and builds the Work."""
     a, ph = k.arch, k.phys
     m = len(vals)
     present = a.pte_present(vals)
@@ -295,13 +304,7 @@ def _plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArr
     if ae_virtual is not None:
         ae |= ae_virtual
     anon = normal & ((ph.flags[head] & F_ANON) != 0)
-    if parent.has_pinned:
-        maybe_pinned = anon & ph.folio_maybe_dma_pinned(head)
-    else:
-        maybe_pinned = None
-    new_table = np.empty(m, bool)
-    new_table[:1] = True
-    np.not_equal(tab[1:], tab[:-1], out=new_table[1:])
+    maybe_pinned = anon & ph.folio_maybe_dma_pinned(head) if parent.has_pinned else None
 
     # ---- folio_pte_batch: which entries continue the batch of the previous one
     region = None  # entries that go alone because their batch would fail (-EAGAIN)
@@ -330,23 +333,26 @@ def _plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArr
                 region[idx] = True
                 cont[idx] = False
                 cont[re_[re_ < m]] = False
-        starts = np.flatnonzero(~cont)
+        starts: I64 | None = np.flatnonzero(~cont)
         batched_path = large[starts] & normal[starts]
     else:
-        starts = np.arange(m)
+        starts = None  # every entry is an item of its own
         batched_path = None
-    nr = np.diff(np.append(starts, m)) if len(starts) < m else np.ones(m, np.int64)
+    if starts is not None and len(starts) == m:
+        starts = None
+    nr = np.diff(np.append(starts, m)) if starts is not None else None
+    is_copy = eagain = None
     if maybe_pinned is not None:
-        sp = maybe_pinned[starts] & (nr == 1)
-        is_copy = sp & ae[starts]
-        eagain = sp & (ae[starts] | (region[starts] if region is not None else False))
-    else:
-        is_copy = eagain = None
+        sp = maybe_pinned if starts is None else maybe_pinned[starts] & (nr == 1)
+        ae_s = ae if starts is None else ae[starts]
+        is_copy = sp & ae_s
+        reg = False if region is None else (region if starts is None else region[starts])
+        eagain = sp & (ae_s | reg)
     n_copy = 0 if is_copy is None else int(is_copy.sum())
 
     def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64, cidx: I64, copy_pages: I64,
                works: list[Work]) -> None:
-        e = _Entries(vals, normal, special, pfn, head, ae, anon, new_table)
+        e = _Entries(vals, normal, special, pfn, head, large, ae, anon, new_table)
         _commit(k, parent, child, src, dst, mode, e, pidx, cidx, starts, nr, is_copy, eagain,
                 batched_path, copy_pages, works)
 
@@ -362,51 +368,64 @@ class _Entries:
     special: B
     pfn: I64
     head: NDArray[np.int32]
+    large: B
     ae: B
     anon: B
     new_table: B
 
 
 def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: _Entries,
-            pidx: I64, cidx: I64, starts: I64, nr: I64, is_copy: B | None, eagain: B | None,
-            batched_path: B | None, copy_pages: I64, works: list[Work]) -> None:
-    """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries."""
+            pidx: I64, cidx: I64, starts: I64 | None, nr: I64 | None, is_copy: B | None,
+            eagain: B | None, batched_path: B | None, copy_pages: I64, works: list[Work]) -> None:
+    """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries.
+
+    ``starts``/``nr`` give the items (batches); None means every entry is its own item,
+    the common case for order-0 folios and for legacy mode, which skips all indexing.
+    """
     a, ph = k.arch, k.phys
-    n_items = len(starts)
     m = len(e.vals)
-    singles = n_items == m
+    singles = starts is None
+
+    def at(x: NDArray[Any]) -> NDArray[Any]:
+        return x if starts is None else x[starts]
+
+    n_items = m if starts is None else len(starts)
     ops = Ops(n_items)
     flat = k.pt.flat
 
     # ---- dup items: present and not copied
-    dup = e.normal[starts] | e.special[starts]
+    i_norm = at(e.normal)
+    dup = i_norm | at(e.special)
     if is_copy is not None:
         dup &= ~is_copy
     di = np.flatnonzero(dup)
-    d_start = starts[di]
-    d_nr = nr[di]
+    d_start = di if starts is None else starts[di]
+    d_nr = np.ones(len(di), np.int64) if nr is None else nr[di]
     if singles:
         ent, ent_item = d_start, di
     else:
         ent, _ = expand_runs(d_start, d_nr)
         ent_item = np.repeat(di, d_nr)
     norm_ent = e.normal[ent]
-    if not norm_ent.all():
-        ent_n, item_n = ent[norm_ent], ent_item[norm_ent]
-    else:
-        ent_n, item_n = ent, ent_item
+    all_norm = bool(norm_ent.all())
+    ent_n, item_n = (ent, ent_item) if all_norm else (ent[norm_ent], ent_item[norm_ent])
     pfn_n = e.pfn[ent_n]
-    # refcount: one folio_ref_add (or folio_get) per item
-    ni = di[e.normal[d_start]]
-    ph.scatter_add(ph.refcount, e.head[starts[ni]], nr[ni])
+    # refcount: one folio_ref_add (or folio_get) per item; small folios are mapped once
+    ni = di if all_norm and singles else di[e.normal[d_start]]
+    ni_first = ni if starts is None else starts[ni]
+    h_items = e.head[ni_first]
+    lg = e.large[ni_first]
+    ni_nr = np.ones(len(ni), np.int64) if nr is None else nr[ni]
+    if lg.any():
+        ph.scatter_add(ph.refcount, h_items[lg], ni_nr[lg])
+        ph.scatter_add(ph.large_mapcount, h_items[lg], ni_nr[lg])
+        ph.refcount[h_items[~lg]] += 1
+    else:
+        ph.refcount[h_items] += 1
     ops.add("folio_ref_ops", 1, ni)
-    # mapcount: one atomic per page (v6.9); the large mapcount once per item
+    # mapcount: one atomic per page (v6.9)
     ph.mapcount[pfn_n] += 1
     ops.add("mapcount_ops", 1, item_n)
-    h_items = e.head[starts[ni]]
-    lg = ph.order[h_items] > 0
-    if lg.any():
-        ph.scatter_add(ph.large_mapcount, h_items[lg], nr[ni][lg])
     # AnonExclusive cleared on every page that had it
     ae_n = e.ae[ent_n]
     if ae_n.any():
@@ -424,8 +443,8 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     # ---- __copy_present_ptes: parent wrprotect, child entries from the first pte
     pte = e.vals[d_start]
     write = a.pte_write(pte)
-    if not singles:
-        any_w = np.logical_or.reduceat(a.pte_write(e.vals[ent]), np.cumsum(d_nr) - d_nr) if len(ent) else write
+    if not singles and len(ent):
+        any_w = np.logical_or.reduceat(a.pte_write(e.vals[ent]), np.cumsum(d_nr) - d_nr)
         mk = any_w & ~write
         if mk.any():
             pte[mk] = a.pte_mkwrite(pte[mk])
@@ -444,7 +463,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     # ---- pinned exclusive pages: copy_present_page into the preallocated pages
     if is_copy is not None and is_copy.any():
         ci = np.flatnonzero(is_copy)
-        ce = starts[ci]
+        ce = at(np.arange(m))[ci]
         ph.token[copy_pages] = ph.token[e.pfn[ce]]
         ph.mapcount[copy_pages] = 1
         ph.anon_exclusive[copy_pages] = True
@@ -459,18 +478,18 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ops.add("mapcount_ops", 1, ci)
         ops.add("folio_ref_ops", 2, ci)  # folio_get + folio_put of the failed dup
     if eagain is not None and eagain.any():
+        assert is_copy is not None
         ei = np.flatnonzero(eagain)
         ops.add("prealloc_retries", 1, ei)
         ops.add("folio_allocs", 1, ei)
         if batched_path is not None:
             ops.add("folio_ref_ops", 2, ei[batched_path[ei]])  # ref_add + ref_sub of the failed batch
-        assert is_copy is not None
         ops.add("folios_freed", 1, ei[~is_copy[ei]])  # the unused prealloc
 
     # ---- the loop's own work: reads, progress, checkpoints, sections
-    items = np.arange(n_items)
-    ops.add("pte_reads", 1, items)
+    ops.add("pte_reads", n_items)
     if batched_path is not None and batched_path.any():
+        assert starts is not None and nr is not None
         bi = np.flatnonzero(batched_path)
         ops.add("pte_reads", nr[bi] - 1, bi)
         # folio_pte_batch also reads the entry that ends a batch, unless the table ended
@@ -481,21 +500,30 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ops.add("fork_batched_ptes", nr[bi], bi)
     present_items = di if is_copy is None else np.flatnonzero(dup | is_copy)
     ops.add("fork_batches", 1, present_items)
-    none_item = ~(e.normal[starts] | e.special[starts])
-    if mode == "batched":
-        inc = np.where(none_item, 1, 8 * nr)
+    n_present = len(present_items)
+    if n_present == n_items and (mode == "legacy" or nr is None):
+        inc: I64 | int = 8
+    elif n_present == n_items and nr is not None and (nr == nr[0]).all():
+        inc = 8 * int(nr[0])
     else:
-        inc = np.where(none_item, 1, 8)
-    sec = e.new_table[starts]
+        none_item = ~(i_norm | at(e.special))
+        inc = np.where(none_item, 1, 8 * nr if mode == "batched" and nr is not None else 8)
+    sec = at(e.new_table)
     if eagain is not None:
         sec = sec | eagain
     sec_start = np.flatnonzero(sec)
-    cps = checkpoints(inc, sec_start)
-    ops.add("resched_checks", 1, cps)
+    count = checkpoint_count(inc, sec_start, n_items)
+    if count is None:
+        cps = checkpoints(inc, sec_start, n_items)
+        ops.add("resched_checks", 1, cps)
+        cp_arg: Any = cps
+    else:
+        ops.add_lazy("resched_checks", count, lambda: checkpoints(inc, sec_start, n_items))
+        cp_arg = lambda: checkpoints(inc, sec_start, n_items)  # noqa: E731
     ops.add("ptl_locks", 2, sec_start)
     ops.add("cond_resched", 1, sec_start)
     ops.add("copy_pte_range", 1, sec_start)
-    ops.add("pgtable_allocs", 1, np.flatnonzero(e.new_table[starts]))
-    lock_ids = cidx[starts[sec_start]] // k.arch.ptrs_per_table
+    ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table)))
+    lock_ids = cidx[at(np.arange(m))[sec_start]] // k.arch.ptrs_per_table
     works.append(Work("copy_pte_range", ops, sections=sec_start, locks=("ptl", "ptl"),
-                      lock_ids=lock_ids, checkpoints=cps))
+                      lock_ids=lock_ids, checkpoints=cp_arg))

@@ -28,8 +28,8 @@ PAGE = 4096
 MMAP_MIN_ADDR = 0x10000
 TASK_SIZE = 1 << 47
 MMAP_BASE = 0x7F00_0000_0000
-PROTS = {
-    "none": VmFlag(0),
+PROTS: dict[str, int] = {
+    "none": 0,
     "r": VmFlag.READ,
     "rw": VmFlag.READ | VmFlag.WRITE,
     "rx": VmFlag.READ | VmFlag.EXEC,
@@ -40,7 +40,7 @@ ADVICE = ("hugepage", "nohugepage", "dontneed", "dontfork", "dofork", "wipeonfor
 PROT_BITS = VmFlag.READ | VmFlag.WRITE | VmFlag.EXEC
 
 
-def parse_prot(prot: str) -> VmFlag:
+def parse_prot(prot: str) -> int:
     """The vm_flags of a protection string like ``"rw"``."""
     try:
         return PROTS[prot]
@@ -227,10 +227,10 @@ def do_madvise(k: Kernel, mm: Mm, start: int, length: int, advice: str) -> Gener
     set_, clear = {
         "hugepage": (VmFlag.HUGEPAGE, VmFlag.NOHUGEPAGE),
         "nohugepage": (VmFlag.NOHUGEPAGE, VmFlag.HUGEPAGE),
-        "dontfork": (VmFlag.DONTCOPY, VmFlag(0)),
-        "dofork": (VmFlag(0), VmFlag.DONTCOPY),
-        "wipeonfork": (VmFlag.WIPEONFORK, VmFlag(0)),
-        "keeponfork": (VmFlag(0), VmFlag.WIPEONFORK),
+        "dontfork": (VmFlag.DONTCOPY, 0),
+        "dofork": (0, VmFlag.DONTCOPY),
+        "wipeonfork": (VmFlag.WIPEONFORK, 0),
+        "keeponfork": (0, VmFlag.WIPEONFORK),
     }[advice]
     for v in split_vmas(k, mm, start, end):
         v.flags = (v.flags | set_) & ~clear

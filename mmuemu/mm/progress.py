@@ -11,13 +11,21 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["RESCHED_PROGRESS", "checkpoints"]
+__all__ = ["RESCHED_PROGRESS", "checkpoint_count", "checkpoints"]
 
 RESCHED_PROGRESS = 32
 I64 = NDArray[np.int64]
 
 
-def checkpoints(inc: I64, sections: I64) -> I64:
+def checkpoint_count(inc: I64 | int, sections: I64, n: int) -> int | None:
+    """How many checkpoints, when every item adds the same ``inc`` (else None)."""
+    if not isinstance(inc, int):
+        return None
+    lens = np.diff(np.append(sections, n))
+    return int(((lens - 1) // -(-RESCHED_PROGRESS // inc)).clip(min=0).sum())
+
+
+def checkpoints(inc: I64 | int, sections: I64, n: int | None = None) -> I64:
     """Items before which the loop checks for rescheduling.
 
     ``inc[i]`` is what item ``i`` adds to progress; ``sections`` holds the first item of each
@@ -25,6 +33,9 @@ def checkpoints(inc: I64, sections: I64) -> I64:
     amount take a closed form; the others advance one checkpoint per round, all sections
     at once.
     """
+    if isinstance(inc, int):
+        assert n is not None
+        inc = np.full(n, inc, dtype=np.int64)
     n = len(inc)
     if n == 0:
         return np.zeros(0, np.int64)
@@ -52,6 +63,8 @@ def checkpoints(inc: I64, sections: I64) -> I64:
         out.append(_general(inc, bounds, m))
     if not out:
         return np.zeros(0, np.int64)
+    if len(out) == 1 and not len(m):
+        return out[0]  # closed form only: already in order
     return np.sort(np.concatenate(out))
 
 

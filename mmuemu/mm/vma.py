@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import enum
 import itertools
 from collections.abc import Iterator
 
@@ -16,8 +15,11 @@ from mmuemu.arch.base import Prot
 __all__ = ["AnonVma", "File", "VmFlag", "Vma", "VmaTree"]
 
 
-class VmFlag(enum.IntFlag):
-    """The vm_flags mmuemu models (include/linux/mm.h names)."""
+class VmFlag:
+    """The vm_flags mmuemu models (include/linux/mm.h names), as plain int bits.
+
+    Plain ints, not an enum: flag tests run on every VMA of every fork.
+    """
 
     READ = 1 << 0
     WRITE = 1 << 1
@@ -35,6 +37,12 @@ class VmFlag(enum.IntFlag):
     PFNMAP = 1 << 13
     MIXEDMAP = 1 << 14
     SOFTDIRTY = 1 << 15
+
+    @classmethod
+    def names(cls, flags: int) -> str:
+        """``"READ|WRITE|MAYREAD..."`` for a flags value."""
+        out = [k for k, v in vars(cls).items() if isinstance(v, int) and k.isupper() and flags & v]
+        return "|".join(out) or "0"
 
 
 _ids = itertools.count(1)
@@ -72,7 +80,7 @@ class Vma:
 
     start: int
     end: int
-    flags: VmFlag
+    flags: int
     file: File | None = None
     pgoff: int = 0  # in pages, for file mappings
     anon_vma: AnonVma | None = None

@@ -11,7 +11,7 @@ The core does not know what an operation costs; the runners do (``sim.costs``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from attrs import define, field, frozen
@@ -48,10 +48,18 @@ class Ops:
         self.totals[name] = self.totals.get(name, 0) + total
         self._parts.setdefault(name, []).append((count, items))
 
+    def add_lazy(self, name: str, total: int, items: Callable[[], NDArray[np.int64]]) -> None:
+        """Count ``total`` operations, one per item that ``items()`` lists when asked."""
+        if total:
+            self.totals[name] = self.totals.get(name, 0) + int(total)
+            self._parts.setdefault(name, []).append((1, items))
+
     def merge(self, other: Ops, item_offset: int = 0) -> None:
         """Add every count of ``other``, its items shifted by ``item_offset``."""
         for name, parts in other._parts.items():
             for count, items in parts:
+                if callable(items):
+                    items = items()
                 if items is None:
                     items = item_offset
                 else:
@@ -62,6 +70,8 @@ class Ops:
         """The count of ``name`` for every item."""
         out = np.zeros(self.n_items, dtype=np.int64)
         for count, items in self._parts.get(name, ()):
+            if callable(items):
+                items = items()
             idx = 0 if items is None else items
             idx_arr = np.atleast_1d(np.asarray(idx, dtype=np.int64))
             cnt = np.broadcast_to(np.asarray(count, dtype=np.int64), idx_arr.shape)
@@ -92,7 +102,14 @@ class Work:
     sections: NDArray[np.int64] = field(factory=lambda: np.zeros(1, dtype=np.int64))
     locks: tuple[str, ...] = ()
     lock_ids: NDArray[np.int64] = field(factory=_empty)
-    checkpoints: NDArray[np.int64] = field(factory=_empty)
+    _checkpoints: NDArray[np.int64] | Callable[[], NDArray[np.int64]] = field(factory=_empty)
+
+    @property
+    def checkpoints(self) -> NDArray[np.int64]:
+        """Items before which a resched check happens (computed on first use)."""
+        if callable(self._checkpoints):
+            self._checkpoints = self._checkpoints()
+        return self._checkpoints
 
     @property
     def totals(self) -> Mapping[str, int]:
