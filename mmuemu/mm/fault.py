@@ -341,6 +341,10 @@ def _alloc_anon(k: Kernel, vma: Vma, orders: tuple[int, ...], table_rows: I64, s
     a, ph, pt = k.arch, k.phys, k.pt
     n = a.ptrs_per_table
     out: list[tuple[int, I64, I64]] = []
+    small = [o for o in orders if o < a.pmd_order]
+    if small == [0]:  # order-0 only: one folio per touched none entry
+        first = idx[alloc_pages]
+        return [(0, _alloc(ph, 0, len(first), F_ANON | F_SWAPBACKED, undo), first)]
     # the tables involved, whole, so blocks can look at PTEs outside the range
     rows = np.unique(idx[alloc_pages] // n)
     srows = table_rows[sl]

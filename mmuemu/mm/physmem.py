@@ -194,21 +194,30 @@ class PhysMem:
     def new_folios(self, order: int, n: int, flags: np.uint8) -> I64:
         """Allocate ``n`` folios of ``order`` with refcount 1 and zeroed contents."""
         heads = self.alloc(order, n)
-        if order:
-            pages, _ = expand_runs(heads, np.full(len(heads), 1 << order, dtype=np.int64))
-            self.head[pages] = np.repeat(heads, 1 << order)
+        nr = 1 << order
+        if len(heads) and int(heads[-1]) - int(heads[0]) == (len(heads) - 1) * nr:
+            # one physically contiguous run (the usual bulk case): slices, not scatters
+            lo, hi = int(heads[0]), int(heads[-1]) + nr
+            pages: slice | I64 = slice(lo, hi)
+            hs: slice | I64 = slice(lo, hi, nr)
+            self.head[lo:hi] = np.repeat(heads, nr) if order else heads
         else:
-            pages = heads
-            self.head[pages] = pages
+            hs = heads
+            if order:
+                pages, _ = expand_runs(heads, np.full(len(heads), nr, dtype=np.int64))
+                self.head[pages] = np.repeat(heads, nr)
+            else:
+                pages = heads
+                self.head[pages] = pages
         self.token[pages] = 0
         self.mapcount[pages] = 0
         self.anon_exclusive[pages] = False
-        self.order[heads] = order
-        self.refcount[heads] = 1
-        self.entire_mapcount[heads] = 0
-        self.large_mapcount[heads] = 0
-        self.pincount[heads] = 0
-        self.flags[heads] = F_ALLOC | flags
+        self.order[hs] = order
+        self.refcount[hs] = 1
+        self.entire_mapcount[hs] = 0
+        self.large_mapcount[hs] = 0
+        self.pincount[hs] = 0
+        self.flags[hs] = F_ALLOC | flags
         return heads
 
     def scatter_add(self, arr: NDArray[np.int32], idx: I64, val: I64 | int) -> None:
