@@ -194,22 +194,27 @@ class Arch:
         return np.ones(len(idx), dtype=np.int64)
 
     def set_ptes(self, mm: Any, store: U64, start: I64, pte: U64, nr: I64, ops: Ops,
-                 items: Any = None) -> None:
+                 items: Any = None, expanded: tuple[I64, I64] | None = None) -> None:
         """Mirrors: include/linux/pgtable.h set_ptes: nr stores, advancing the PFN.
 
         Contract as the kernel's: for nr > 1 the targets are not present and map one folio.
+        ``expanded`` may pass the runs' flat indices and offsets when the caller has them.
         """
-        if int(nr.sum()) == len(nr):  # all single entries: no PFN to advance
+        total = int(nr.sum())
+        if total == len(nr):  # all single entries: no PFN to advance
             store[start] = pte
         else:
-            flat, off = expand_runs(start, nr)
+            flat, off = expanded if expanded is not None else expand_runs(start, nr)
             store[flat] = self.pte_advance_pfn(np.repeat(pte, nr), off)
         ops.add("pte_writes", nr, items)
 
     def wrprotect_ptes(self, mm: Any, store: U64, start: I64, nr: I64, ops: Ops,
-                       items: Any = None) -> None:
-        """Mirrors: include/linux/pgtable.h wrprotect_ptes: a loop of ptep_set_wrprotect."""
-        flat, _ = expand_runs(start, nr)
+                       items: Any = None, expanded: I64 | None = None) -> None:
+        """Mirrors: include/linux/pgtable.h wrprotect_ptes: a loop of ptep_set_wrprotect.
+
+        ``expanded`` may pass the runs' flat indices when the caller has them.
+        """
+        flat = expanded if expanded is not None else expand_runs(start, nr)[0]
         self._set_wrprotect(store, flat)
         ops.add("ptes_wrprotected", nr, items)
         ops.add("pte_atomics", nr, items)

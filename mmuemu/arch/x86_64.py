@@ -168,9 +168,9 @@ class X86_64(Arch):
         """Mirrors: arch/x86 pte_advance_pfn (subtracts for inverted, non-present entries)."""
         step = np.asarray(nr, dtype=np.uint64) << np.uint64(12)
         pte = np.asarray(pte, dtype=np.uint64)
-        inv = self._needs_invert(pte)
-        if not inv.any():
+        if (pte & PRESENT).all():  # the common case: present entries are never inverted
             return pte + step
+        inv = self._needs_invert(pte)
         return np.where(inv, pte - step, pte + step)
 
     def pte_same_bits(self, pte: U64) -> U64:

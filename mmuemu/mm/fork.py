@@ -402,13 +402,12 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     d_start = di if starts is None else starts[di]
     d_nr = np.ones(len(di), np.int64) if nr is None else nr[di]
     if singles:
-        ent, ent_item = d_start, di
+        ent = d_start
     else:
-        ent, _ = expand_runs(d_start, d_nr)
-        ent_item = np.repeat(di, d_nr)
+        ent, ent_off = expand_runs(d_start, d_nr)
     norm_ent = e.normal[ent]
     all_norm = bool(norm_ent.all())
-    ent_n, item_n = (ent, ent_item) if all_norm else (ent[norm_ent], ent_item[norm_ent])
+    ent_n = ent if all_norm else ent[norm_ent]
     pfn_n = e.pfn[ent_n]
     # refcount: one folio_ref_add (or folio_get) per item; small folios are mapped once
     ni = di if all_norm and singles else di[e.normal[d_start]]
@@ -425,12 +424,16 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     ops.add("folio_ref_ops", 1, ni)
     # mapcount: one atomic per page (v6.9)
     ph.mapcount[pfn_n] += 1
-    ops.add("mapcount_ops", 1, item_n)
+    ops.add("mapcount_ops", ni_nr, ni)
     # AnonExclusive cleared on every page that had it
     ae_n = e.ae[ent_n]
     if ae_n.any():
         ph.anon_exclusive[pfn_n[ae_n]] = False
-        ops.add("anon_exclusive_clears", 1, item_n[ae_n])
+        if singles:
+            ops.add("anon_exclusive_clears", 1, ni[ae_n])
+        else:
+            per = np.add.reduceat(e.ae[ent].astype(np.int64), np.cumsum(d_nr) - d_nr)
+            ops.add("anon_exclusive_clears", per, di)
     # rss of the child
     anon_n = e.anon[ent_n]
     n_anon = int(anon_n.sum())
@@ -451,14 +454,16 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
             write = any_w
     if src.is_cow and write.any():
         wi = np.flatnonzero(write)
-        a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi])
+        a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi],
+                         expanded=pidx[ent] if len(wi) == len(di) and not singles else None)
         pte[wi] = a.pte_wrprotect(pte[wi])
     if src.flags & VmFlag.SHARED:
         pte = a.pte_mkclean(pte)
     pte = a.pte_mkold(pte)
     if not dst.flags & VmFlag.UFFD_WP:
         pte = a.pte_clear_uffd_wp(pte)
-    a.set_ptes(child, flat, cidx[d_start], pte, d_nr, ops, di)
+    a.set_ptes(child, flat, cidx[d_start], pte, d_nr, ops, di,
+               expanded=None if singles else (cidx[ent], ent_off))
 
     # ---- pinned exclusive pages: copy_present_page into the preallocated pages
     if is_copy is not None and is_copy.any():
