@@ -494,15 +494,15 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     # ---- the loop's own work: reads, progress, checkpoints, sections
     ops.add("pte_reads", n_items)
     if batched_path is not None and batched_path.any():
-        assert starts is not None and nr is not None
         bi = np.flatnonzero(batched_path)
-        ops.add("pte_reads", nr[bi] - 1, bi)
+        b_nr = np.ones(len(bi), np.int64) if nr is None else nr[bi]
+        ops.add("pte_reads", b_nr - 1, bi)
         # folio_pte_batch also reads the entry that ends a batch, unless the table ended
-        stop = starts[bi] + nr[bi]
+        stop = (bi if starts is None else starts[bi]) + b_nr
         more = stop < m
         more[more] = ~e.new_table[stop[more]]
         ops.add("pte_reads", more.astype(np.int64), bi)
-        ops.add("fork_batched_ptes", nr[bi], bi)
+        ops.add("fork_batched_ptes", b_nr, bi)
     present_items = di if is_copy is None else np.flatnonzero(dup | is_copy)
     ops.add("fork_batches", 1, present_items)
     n_present = len(present_items)
