@@ -79,7 +79,8 @@ def dup_mmap(k: Kernel, parent: Mm, mode: str | None = None) -> Generator[Work, 
     for c in copies:
         c.commit(k, parent, child)
     for c in copies:
-        yield from c.works
+        for work in c.works:  # noqa: UP028 (a runner answers each yield with send())
+            yield work
     ops = Ops()
     k.arch.flush_tlb_mm(parent, ops, k.cpu)
     ops.add("forks", 1)
@@ -492,7 +493,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ops.add("folios_freed", 1, ei[~is_copy[ei]])  # the unused prealloc
 
     # ---- the loop's own work: reads, progress, checkpoints, sections
-    ops.add("pte_reads", n_items)
+    ops.add_each("pte_reads")
     if batched_path is not None and batched_path.any():
         bi = np.flatnonzero(batched_path)
         b_nr = np.ones(len(bi), np.int64) if nr is None else nr[bi]
@@ -531,4 +532,4 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table)))
     lock_ids = cidx[at(np.arange(m))[sec_start]] // k.arch.ptrs_per_table
     works.append(Work("copy_pte_range", ops, sections=sec_start, locks=("ptl", "ptl"),
-                      lock_ids=lock_ids, checkpoints=cp_arg))
+                      lock_ids=lock_ids, checkpoints=cp_arg, cond_resched=True))

@@ -20,6 +20,9 @@ from numpy.typing import NDArray
 __all__ = ["Break", "Ops", "Work"]
 
 
+_ALL = object()  # items marker: every item
+
+
 class Ops:
     """Operation counts attributable to items of work.
 
@@ -34,6 +37,12 @@ class Ops:
         self.n_items = max(int(n_items), 1)
         self.totals: dict[str, int] = {}
         self._parts: dict[str, list[tuple[object, object]]] = {}
+
+    def add_each(self, name: str, count: int = 1) -> None:
+        """Count ``count`` operations ``name`` for every item."""
+        if count and self.n_items:
+            self.totals[name] = self.totals.get(name, 0) + int(count) * self.n_items
+            self._parts.setdefault(name, []).append((count, _ALL))
 
     def add(self, name: str, count: object, items: object = None) -> None:
         """Count ``count`` (an int or an array matching ``items``) operations ``name``."""
@@ -58,6 +67,8 @@ class Ops:
         """Add every count of ``other``, its items shifted by ``item_offset``."""
         for name, parts in other._parts.items():
             for count, items in parts:
+                if items is _ALL:
+                    items = np.arange(other.n_items)
                 if callable(items):
                     items = items()
                 if items is None:
@@ -70,6 +81,9 @@ class Ops:
         """The count of ``name`` for every item."""
         out = np.zeros(self.n_items, dtype=np.int64)
         for count, items in self._parts.get(name, ()):
+            if items is _ALL:
+                out += int(count)  # type: ignore[call-overload]
+                continue
             if callable(items):
                 items = items()
             idx = 0 if items is None else items
@@ -103,6 +117,8 @@ class Work:
     locks: tuple[str, ...] = ()
     lock_ids: NDArray[np.int64] = field(factory=_empty)
     _checkpoints: NDArray[np.int64] | Callable[[], NDArray[np.int64]] = field(factory=_empty)
+    #: each section ends with a cond_resched() (copy_pte_range does, once per table pass)
+    cond_resched: bool = False
 
     @property
     def checkpoints(self) -> NDArray[np.int64]:

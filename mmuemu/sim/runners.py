@@ -64,38 +64,50 @@ class InstantRunner:
         reply: Break | None = None
         end = self.clock_ps + cost
         pending = [t for t in self.need_resched_at if t * 1000 < end]
-        if pending and len(work.checkpoints):
-            reply, extra = self._breaks(work, pending)
+        if pending and (work.cond_resched or len(work.checkpoints)):
+            reply, extra, handled = self._reschedule(work, pending)
             for name, c in extra.items():
                 totals[name] = totals.get(name, 0) + c
             cost = self.costs.total_ps(totals)
-        self.need_resched_at = [t for t in self.need_resched_at if t * 1000 >= end]
+            self.need_resched_at = [t for t in self.need_resched_at if t not in handled]
         self.clock_ps += cost
         self.stats.update(totals)
         for tap in self._taps:
             tap.update(totals)
         return reply
 
-    def _breaks(self, work: Work, pending: list[float]) -> tuple[Break | None, dict[str, int]]:
-        """Stop sections at the first checkpoint at or after each need_resched time."""
+    def _reschedule(self, work: Work, pending: list[float]) -> tuple[Break | None, dict[str, int], set[float]]:
+        """Honour need_resched at the first point the path checks it after it was set: a
+        checkpoint inside a section (the lock is dropped: a lock break) or the
+        cond_resched() that ends a section."""
         item_ps = self.costs.item_ps(work.ops)
-        start = self.clock_ps + np.concatenate([[0], np.cumsum(item_ps)[:-1]])
+        start = self.clock_ps + np.concatenate([[0], np.cumsum(item_ps)])
         cps = work.checkpoints
+        ends = np.append(work.sections[1:], work.ops.n_items) if work.cond_resched else np.zeros(0, np.int64)
         extra: Counter[str] = Counter()
         first: Break | None = None
-        used: set[int] = set()
+        handled: set[float] = set()
         for t in pending:
-            j = np.searchsorted(start[cps], round(t * 1000), side="left")
-            if j >= len(cps) or int(cps[j]) in used:
+            tp = round(t * 1000)
+            j = np.searchsorted(start[cps], tp, side="left")
+            cp_item = int(cps[j]) if j < len(cps) else None
+            e = np.searchsorted(start[ends], tp, side="left")
+            end_item = int(ends[e]) if e < len(ends) else None
+            if cp_item is None and end_item is None:
+                continue  # not checked in this work: stays pending
+            handled.add(t)
+            if end_item is not None and (cp_item is None or end_item <= cp_item):
+                extra["resched_yields"] += 1
+                self.breaks.append((work.path + ":cond_resched", end_item, float(start[end_item]) / 1000))
                 continue
-            item = int(cps[j])
-            used.add(item)
+            assert cp_item is not None
             extra["lock_breaks"] += 1
             extra["ptl_locks"] += len(work.locks)
             extra["cond_resched"] += 1
-            self.breaks.append((work.path, item, float(start[item]) / 1000))
-            first = first or Break(item)
-        return first, dict(extra)
+            extra["resched_yields"] += 1
+            self.breaks.append((work.path, cp_item, float(start[cp_item]) / 1000))
+            first = first or Break(cp_item)
+        return first, dict(extra), handled
 
     def tap(self) -> Counter[str]:
         """A counter that sees every operation from now until :meth:`untap`."""
