@@ -54,7 +54,7 @@ def test_need_resched_breaks_at_next_checkpoint(mode: str, order: int) -> None:
     with m2.measure() as t:
         p2.fork()
     assert t.counts["resched_yields"] == 1
-    path, item, when = m2.runner.breaks[0]
+    path, _item, when = m2.runner.breaks[0]
     assert when >= at
     if (mode, order) == ("batched", 9):
         # one 512-PTE batch per table: no checkpoint inside a table, so the CPU is given up
