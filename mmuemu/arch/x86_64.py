@@ -82,9 +82,8 @@ class X86_64(Arch):
     def pte_pfn(self, pte: U64) -> I64:
         """Mirrors: pte_pfn (undoing the L1TF inversion)."""
         pte = np.asarray(pte, dtype=np.uint64)
-        inv = self._needs_invert(pte)
-        if inv.any():
-            pte = pte ^ np.where(inv, PFN_MASK, ZERO)
+        if np.count_nonzero(pte & PRESENT) != np.count_nonzero(pte):  # some are inverted
+            pte = pte ^ np.where(self._needs_invert(pte), PFN_MASK, ZERO)
         return ((pte & PFN_MASK) >> np.uint64(12)).view(np.int64)
 
     def pte_present(self, pte: U64) -> NDArray[np.bool_]:

@@ -400,21 +400,28 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     if is_copy is not None:
         dup &= ~is_copy
     di = np.flatnonzero(dup)
+    # "full": every entry is its own item and is duplicated: no gathers needed at all
+    full = singles and len(di) == m
+
+    def g(x: NDArray[Any], idx: NDArray[Any]) -> NDArray[Any]:
+        return x if full else x[idx]
+
     d_start = di if starts is None else starts[di]
     d_nr = np.ones(len(di), np.int64) if nr is None else nr[di]
     if singles:
         ent = d_start
     else:
         ent, ent_off = expand_runs(d_start, d_nr)
-    norm_ent = e.normal[ent]
+    norm_ent = g(e.normal, ent)
     all_norm = bool(norm_ent.all())
+    full = full and all_norm
     ent_n = ent if all_norm else ent[norm_ent]
-    pfn_n = e.pfn[ent_n]
+    pfn_n = g(e.pfn, ent_n)
     # refcount: one folio_ref_add (or folio_get) per item; small folios are mapped once
     ni = di if all_norm and singles else di[e.normal[d_start]]
     ni_first = ni if starts is None else starts[ni]
-    h_items = e.head[ni_first]
-    lg = e.large[ni_first]
+    h_items = g(e.head, ni_first)
+    lg = g(e.large, ni_first)
     ni_nr = np.ones(len(ni), np.int64) if nr is None else nr[ni]
     if lg.any():
         ph.scatter_add(ph.refcount, h_items[lg], ni_nr[lg])
@@ -422,12 +429,16 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ph.refcount[h_items[~lg]] += 1
     else:
         ph.refcount[h_items] += 1
-    ops.add("folio_ref_ops", 1, ni)
     # mapcount: one atomic per page (v6.9)
     ph.mapcount[pfn_n] += 1
-    ops.add("mapcount_ops", ni_nr, ni)
+    if full:
+        ops.add_each("folio_ref_ops")
+        ops.add_each("mapcount_ops")
+    else:
+        ops.add("folio_ref_ops", 1, ni)
+        ops.add("mapcount_ops", ni_nr, ni)
     # AnonExclusive cleared on every page that had it
-    ae_n = e.ae[ent_n]
+    ae_n = g(e.ae, ent_n)
     if ae_n.any():
         ph.anon_exclusive[pfn_n[ae_n]] = False
         if singles:
@@ -436,8 +447,8 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
             per = np.add.reduceat(e.ae[ent].astype(np.int64), np.cumsum(d_nr) - d_nr)
             ops.add("anon_exclusive_clears", per, di)
     # rss of the child
-    anon_n = e.anon[ent_n]
-    n_anon = int(anon_n.sum())
+    anon_n = g(e.anon, ent_n)
+    n_anon = int(np.count_nonzero(anon_n))
     child.rss[MM_ANONPAGES] += n_anon
     if n_anon < len(ent_n):
         shm = (ph.flags[e.head[ent_n[~anon_n]]] & F_SWAPBACKED) != 0
@@ -445,7 +456,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         child.rss[MM_FILEPAGES] += int((~shm).sum())
 
     # ---- __copy_present_ptes: parent wrprotect, child entries from the first pte
-    pte = e.vals[d_start]
+    pte = e.vals.copy() if full else e.vals[d_start]
     write = a.pte_write(pte)
     if not singles and len(ent):
         any_w = np.logical_or.reduceat(a.pte_write(e.vals[ent]), np.cumsum(d_nr) - d_nr)
@@ -454,16 +465,20 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
             pte[mk] = a.pte_mkwrite(pte[mk])
             write = any_w
     if src.is_cow and write.any():
-        wi = np.flatnonzero(write)
-        a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi],
-                         expanded=pidx[ent] if len(wi) == len(di) and not singles else None)
-        pte[wi] = a.pte_wrprotect(pte[wi])
+        if write.all():
+            a.wrprotect_ptes(parent, flat, pidx[d_start] if not full else pidx, d_nr, ops, di,
+                             expanded=pidx if full else (None if singles else pidx[ent]))
+            pte = a.pte_wrprotect(pte)
+        else:
+            wi = np.flatnonzero(write)
+            a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi])
+            pte[wi] = a.pte_wrprotect(pte[wi])
     if src.flags & VmFlag.SHARED:
         pte = a.pte_mkclean(pte)
     pte = a.pte_mkold(pte)
     if not dst.flags & VmFlag.UFFD_WP:
         pte = a.pte_clear_uffd_wp(pte)
-    a.set_ptes(child, flat, cidx[d_start], pte, d_nr, ops, di,
+    a.set_ptes(child, flat, cidx if full else cidx[d_start], pte, d_nr, ops, di,
                expanded=None if singles else (cidx[ent], ent_off))
 
     # ---- pinned exclusive pages: copy_present_page into the preallocated pages
