@@ -148,6 +148,12 @@ class Arch:
     def pte_clear_uffd_wp(self, pte: U64) -> U64:
         raise NotImplementedError
 
+    def pte_mkuffd_wp(self, pte: U64) -> U64:
+        raise NotImplementedError
+
+    def pte_mksoft_dirty(self, pte: U64) -> U64:
+        raise NotImplementedError
+
     def pte_clear_soft_dirty(self, pte: U64) -> U64:
         raise NotImplementedError
 

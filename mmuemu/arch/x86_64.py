@@ -154,6 +154,12 @@ class X86_64(Arch):
     def pte_clear_soft_dirty(self, pte: U64) -> U64:
         return pte & ~SOFT_DIRTY
 
+    def pte_mkuffd_wp(self, pte: U64) -> U64:
+        return pte | UFFD_WP
+
+    def pte_mksoft_dirty(self, pte: U64) -> U64:
+        return pte | SOFT_DIRTY
+
     def pte_modify(self, pte: U64, prot: int) -> U64:
         """Mirrors: arch/x86 pte_modify (CHG_MASK, L1TF flip, SavedDirty rules)."""
         pte = np.asarray(pte, dtype=np.uint64)

@@ -456,7 +456,9 @@ def _wp_copy(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], src
         pte = a.pte_mkdirty(pte)
         if vma.flags & VmFlag.WRITE:
             pte = a.pte_mkwrite(pte)
-    # an unshare maps the copy read-only and clean (mmuemu does not carry soft-dirty/uffd-wp over)
+    else:  # an unshare maps the copy read-only and clean, keeping soft-dirty and uffd-wp
+        pte = np.where(a.pte_soft_dirty(cur), a.pte_mksoft_dirty(pte), pte)
+        pte = np.where(a.pte_uffd_wp(cur), a.pte_mkuffd_wp(pte), pte)
     mapped = idx[was_mapped]
     if len(mapped):
         old = a.ptep_get_and_clear(mm, k.pt.flat, mapped, ops)

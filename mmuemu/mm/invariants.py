@@ -123,10 +123,12 @@ def _check_vmas_and_rss(k: Kernel, mm: Mm, vals: NDArray[np.uint64], pfn: I64, v
         if not len(vv):
             continue
         i = np.searchsorted(starts, aa, side="right") - 1
-        inside = (i >= 0) & (aa < ends[np.maximum(i, 0)])
+        span = (mult << 12) - 1  # a PMD leaf must lie inside one VMA
+        inside = (i >= 0) & (aa + span < ends[np.maximum(i, 0)])
         if not inside.all():
             bad = int(aa[~inside][0])
-            raise InvariantError(f"mm {mm.id}: an entry maps {bad:#x}, which is outside every VMA")
+            raise InvariantError(f"mm {mm.id}: an entry maps {bad:#x}, which is outside every VMA "
+                                 f"(or a PMD leaf there spans two VMAs)")
         w = a.pte_write(vv)
         if (w & ~writable_vma[i]).any():
             bad = int(aa[w & ~writable_vma[i]][0])

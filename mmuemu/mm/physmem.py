@@ -209,14 +209,12 @@ class PhysMem:
             else:
                 pages = heads
                 self.head[pages] = pages
+        # mapcounts, pin count, AnonExclusive and order are zero on every free page (freeing
+        # guarantees it), so they are not written here: untouched arrays cost no host memory
         self.token[pages] = 0
-        self.mapcount[pages] = 0
-        self.anon_exclusive[pages] = False
-        self.order[hs] = order
+        if order:
+            self.order[hs] = order
         self.refcount[hs] = 1
-        self.entire_mapcount[hs] = 0
-        self.large_mapcount[hs] = 0
-        self.pincount[hs] = 0
         self.flags[hs] = F_ALLOC | flags
         return heads
 
@@ -289,8 +287,11 @@ class PhysMem:
                 self.head[hs] = 0
                 self.anon_exclusive[hs] = False
             self.flags[hs] = 0
-            self.order[hs] = 0
-            self.pincount[hs] = 0
+            if order:
+                self.order[hs] = 0
+            for arr in (self.pincount, self.entire_mapcount, self.large_mapcount):
+                if arr[hs].any():  # only after a bug; keeps the "zero when free" promise
+                    arr[hs] = 0
             self.free_blocks(hs, order)
 
     def folio_maybe_dma_pinned(self, heads: I64) -> NDArray[np.bool_]:
