@@ -101,7 +101,7 @@ def _parents(k: Kernel, rows: list[int]) -> list[tuple[int, int]]:
     """(flat index of the entry pointing at each new table, table row)."""
     out = []
     for r in rows:
-        want = k.arch.mk_table(np.int64(k.pt.row_pfn[r]))
+        want = k.arch.mk_table(k.pt.row_pfn[r : r + 1])[0]
         hit = np.flatnonzero(k.pt.flat == want)
         out.append((int(hit[0]), r))
     return out

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from mmuemu.errors import InvariantError
 from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, RSS_NAMES, Kernel, Mm
 from mmuemu.mm.physmem import F_ALLOC, F_ANON, F_PGTABLE, F_RESERVED, F_SWAPBACKED, MAX_ORDER
-from mmuemu.mm.vma import VmFlag
+from mmuemu.mm.vma import File, VmFlag
 
 __all__ = ["check", "walk_tables"]
 
@@ -177,8 +177,8 @@ def _check_counts(k: Kernel, pte_map: I64, pmd_map: I64) -> None:
     expect = folio_pte + pmd_map[heads]
     pins = np.zeros(ph.nr_pages, np.int64)
     extra = np.zeros(ph.nr_pages, np.int64)
-    for h in k.gup_handles.values():
-        hh, ref, pin = h.refs()  # type: ignore[attr-defined]
+    for handle in k.gup_handles.values():
+        hh, ref, pin = handle.refs()  # type: ignore[attr-defined]
         np.add.at(extra, hh, ref)
         np.add.at(pins, hh, pin)
     for mm_file in _files(k):
@@ -202,8 +202,8 @@ def _check_counts(k: Kernel, pte_map: I64, pmd_map: I64) -> None:
         raise InvariantError(f"folio {int(orphan[0])} is allocated but nothing references it")
 
 
-def _files(k: Kernel) -> list:
-    seen: dict[int, object] = {}
+def _files(k: Kernel) -> list[File]:
+    seen: dict[int, File] = {}
     for mm in k.mms.values():
         for v in mm.vmas:
             if v.file is not None:

@@ -139,11 +139,11 @@ class PageTables:
     def _child(self, row: int, index: int, level: int, alloc: bool, new_rows: list[int] | None) -> int:
         entry = self.entries[row, index]
         if entry:
-            return int(self.pfn_row[self.arch.table_pfn(np.uint64(entry))]) - 1
+            return int(self.pfn_row[self.arch.table_pfn(np.asarray(entry, dtype=np.uint64))]) - 1
         if not alloc:
             return -1
         new = int(self.alloc(1, level)[0])
-        self.entries[row, index] = self.arch.mk_table(np.int64(self.row_pfn[new]))
+        self.entries[row, index] = self.arch.mk_table(self.row_pfn[new : new + 1])[0]
         if new_rows is not None:
             new_rows.append(new)
         return new

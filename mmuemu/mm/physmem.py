@@ -43,6 +43,7 @@ F_PGTABLE = np.uint8(8)  # a page-table page
 F_RESERVED = np.uint8(16)  # the shared zero page
 
 I64 = NDArray[np.int64]
+Idx = NDArray[np.integer]  # any integer index array
 
 
 @define(eq=False)
@@ -218,7 +219,7 @@ class PhysMem:
         self.flags[hs] = F_ALLOC | flags
         return heads
 
-    def scatter_add(self, arr: NDArray[np.int32], idx: I64, val: I64 | int) -> None:
+    def scatter_add(self, arr: NDArray[np.int32], idx: Idx, val: Idx | int) -> None:
         """``arr[idx] += val`` where ``idx`` may repeat (like np.add.at, much faster).
 
         Adjacent repeats (pages of one folio in address order) are summed first; indices
@@ -248,18 +249,18 @@ class PhysMem:
         else:
             arr[idx] += val
 
-    def folio_of(self, pfn: I64) -> I64:
+    def folio_of(self, pfn: Idx) -> I64:
         """Mirrors: page_folio: the head PFN of the folio each page belongs to."""
         return self.head[pfn].astype(np.int64)
 
-    def folio_nr_pages(self, heads: I64) -> I64:
+    def folio_nr_pages(self, heads: Idx) -> I64:
         return np.left_shift(1, self.order[heads].astype(np.int64))
 
-    def ref_add(self, heads: I64, nr: I64 | int) -> None:
+    def ref_add(self, heads: Idx, nr: Idx | int) -> None:
         """Mirrors: folio_ref_add (many folios; repeated heads add up)."""
         self.scatter_add(self.refcount, heads, nr)
 
-    def ref_sub_and_free(self, heads: I64, nr: I64 | int) -> NDArray[np.int8]:
+    def ref_sub_and_free(self, heads: Idx, nr: Idx | int) -> NDArray[np.int8]:
         """Mirrors: folio_ref_sub / folio_put; frees folios whose refcount reaches 0.
 
         Returns the orders of the folios freed.
@@ -294,7 +295,7 @@ class PhysMem:
                     arr[hs] = 0
             self.free_blocks(hs, order)
 
-    def folio_maybe_dma_pinned(self, heads: I64) -> NDArray[np.bool_]:
+    def folio_maybe_dma_pinned(self, heads: Idx) -> NDArray[np.bool_]:
         """Mirrors: folio_maybe_dma_pinned (pincount for large folios, bias for small)."""
         large = self.order[heads] > 0
         return np.where(large, self.pincount[heads] > 0, self.refcount[heads] >= GUP_PIN_COUNTING_BIAS)
