@@ -169,3 +169,21 @@ def test_tokens_array(m: mmuemu.Machine) -> None:
     for i in range(5):
         p.write(a + i * 4096, 100 + i)
     assert np.array_equal(p.read(a, length=5 * 4096), np.arange(100, 105))
+
+
+def test_fault_range_across_vmas_sharing_a_table(m: mmuemu.Machine) -> None:
+    """Two VMAs in one PMD, faulted in one call: one PTE table, every page accounted."""
+    p = m.spawn()
+    a = p.mmap(8192, "rw", addr=0x200000)
+    p.mmap(8192, "r", addr=0x202000)
+    free = m.free_pages
+    p.populate(a, 4 * 4096, write=False)
+    m.check()
+    f = m.file("f", 8192)
+    q = m.spawn()
+    b = q.mmap(8192, "rw", addr=0x400000, file=f, shared=True)
+    q.mmap(8192, "rw", addr=0x402000)
+    q.populate(b, 4 * 4096, write=True)
+    assert q.rss == {"anon": 2, "file": 2, "shmem": 0, "swap": 0}
+    m.check()
+    assert free - m.free_pages >= 3

@@ -72,6 +72,7 @@ class _Undo:
         self.folios: list[I64] = []
         self.tables: list[tuple[int, int]] = []
         self.rows: list[I64] = []  # tables allocated but not linked yet
+        self.pending: dict[int, int] = {}  # PMD entry -> its new, not yet linked table
         self.hooks: list[Any] = []
 
     def rollback(self) -> None:
@@ -182,14 +183,21 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
         pte_slot[thp_slots] = False
     pte_slot[leaf_split] = True
     need_table = pte_slot & (pmd == 0)
+    table_rows = np.full(len(va), -1, dtype=np.int64)
+    new = np.zeros(0, np.int64)
     if need_table.any():
-        new = pt.alloc(int(need_table.sum()), 3)
-        undo.rows.append(new)  # linked into the PMDs only in the apply step
-        table_rows = np.full(len(va), -1, dtype=np.int64)
-        table_rows[need_table] = new
-    else:
-        new = np.zeros(0, np.int64)
-        table_rows = np.full(len(va), -1, dtype=np.int64)
+        # a PMD slot shared with a VMA planned earlier in this fault gets that plan's table
+        nt = np.flatnonzero(need_table)
+        known = np.array([undo.pending.get(int(f), -1) for f in pmd_flat[nt]], dtype=np.int64)
+        table_rows[nt] = known
+        fresh = nt[known < 0]
+        if len(fresh):
+            new = pt.alloc(len(fresh), 3)
+            undo.rows.append(new)  # linked into the PMDs only in the apply step
+            table_rows[fresh] = new
+            undo.pending.update(zip(pmd_flat[fresh].tolist(), new.tolist(), strict=True))
+        need_table = np.zeros(len(va), bool)
+        need_table[fresh] = True
     exist = pte_slot & (pmd != 0) & ~leaf
     table_rows[exist] = pt.rows_of(pmd[exist])
     split_rows = np.array([mm.deposit.get(int(f), -1) for f in pmd_flat[leaf_split]], dtype=np.int64)
