@@ -36,6 +36,8 @@ from mmuemu.runs import expand_runs
 __all__ = ["FORK_MODES", "dup_mmap"]
 
 FORK_MODES = ("batched", "legacy")
+#: page tables planned and committed together (bounds the temporaries: 512 MiB of PTEs)
+CHUNK_SLOTS = 256
 I64 = NDArray[np.int64]
 B = NDArray[np.bool_]
 
@@ -173,7 +175,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     if len(thp):
         copy.deposit_rows = pt.alloc(len(thp), 3)
 
-    # ---- PTE level: parent entries of every copied table, virtual for tables to split
+    # ---- PTE level, CHUNK_SLOTS tables at a time so temporaries stay bounded
     prow = np.full(len(va), -1, np.int64)
     normal_tab = copy_slot & ~leaf
     prow[normal_tab] = pt.rows_of(pmd[normal_tab])
@@ -181,34 +183,47 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
         prow[split] = [parent.deposit[int(f)] for f in pflat[split]]
     lo = np.maximum(va, src.start)
     hi = np.minimum(va + (n << 12), src.end)
-    first = (lo - va) >> 12
     cnt = np.where(copy_slot, (hi - lo) >> 12, 0)
-    full = cnt == n
-    if full.all():  # whole tables: gather rows, not entries
-        ar = np.arange(n, dtype=np.int64)
-        pidx = (prow[:, None] * n + ar[None, :]).ravel()
-        cidx = (crow[:, None] * n + ar[None, :]).ravel()
-        vals = pt.entries[prow].ravel()
-    else:
-        pidx, off = expand_runs(prow * n + first, cnt)
-        cidx = np.repeat(crow * n + first, cnt) + off
-        vals = pt.flat[pidx]
-    new_table = np.zeros(len(vals), bool)
-    new_table[(np.cumsum(cnt) - cnt)[cnt > 0]] = True
-    if len(split):
-        tab = np.repeat(np.arange(len(va)), cnt)
-        is_split = np.isin(tab, split)
-        base = a.pmd_to_pte(pmd)
-        vals[is_split] = a.pte_advance_pfn(base[tab[is_split]], (pidx[is_split] % n))
-        ae_virtual = np.zeros(len(vals), bool)
-        h = a.pte_pfn(base[tab[is_split]])
-        ae_virtual[is_split] = ph.anon_exclusive[h]
-    else:
+    first = (lo - va) >> 12
+    slots_ = np.flatnonzero(cnt > 0)
+    chunks = [slots_[i : i + CHUNK_SLOTS] for i in range(0, len(slots_), CHUNK_SLOTS)]
+    is_split = np.zeros(len(va), bool)
+    is_split[split] = True
+
+    def entries(chunk: I64, virtual: bool) -> tuple[I64, I64, NDArray[np.uint64], B, B | None]:
+        """Parent and child flat indices, parent values and table starts of a chunk; with
+        ``virtual``, tables still to be split are read as the split would fill them."""
+        c_cnt, c_prow, c_crow, c_first = cnt[chunk], prow[chunk], crow[chunk], first[chunk]
+        if (c_cnt == n).all():  # whole tables: gather rows, not entries
+            ar = np.arange(n, dtype=np.int64)
+            pidx = (c_prow[:, None] * n + ar[None, :]).ravel()
+            cidx = (c_crow[:, None] * n + ar[None, :]).ravel()
+            vals = pt.entries[c_prow].ravel()
+        else:
+            pidx, off = expand_runs(c_prow * n + c_first, c_cnt)
+            cidx = np.repeat(c_crow * n + c_first, c_cnt) + off
+            vals = pt.flat[pidx]
+        new_table = np.zeros(len(vals), bool)
+        new_table[np.cumsum(c_cnt) - c_cnt] = True
         ae_virtual = None
-    plan = _plan_ptes(k, parent, src, dst, mode, vals, new_table, ae_virtual)
-    if plan.n_copy:
+        if virtual and is_split[chunk].any():
+            tab = np.repeat(chunk, c_cnt)
+            sp = is_split[tab]
+            base = a.pmd_to_pte(pmd[tab[sp]])
+            vals[sp] = a.pte_advance_pfn(base, pidx[sp] % n)
+            ae_virtual = np.zeros(len(vals), bool)
+            ae_virtual[sp] = ph.anon_exclusive[a.pte_pfn(base)]
+        return pidx, cidx, vals, new_table, ae_virtual
+
+    # pinned exclusive pages are copied at fork: count them first to allocate their copies
+    n_copies = [0] * len(chunks)
+    if parent.has_pinned:
+        for ci, chunk in enumerate(chunks):
+            _, _, vals, new_table, ae_virtual = entries(chunk, virtual=True)
+            n_copies[ci] = _plan_ptes(k, parent, src, dst, mode, vals, new_table, ae_virtual).n_copy
+    if sum(n_copies):
         try:
-            copy.copy_pages = ph.new_folios(0, plan.n_copy, F_ANON | F_SWAPBACKED)
+            copy.copy_pages = ph.new_folios(0, sum(n_copies), F_ANON | F_SWAPBACKED)
         except OutOfMemory:
             if len(copy.deposit_rows):
                 pt.free(copy.deposit_rows)
@@ -220,7 +235,13 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
             split_huge_pmds(k, parent, pflat[split], Ops())
         if len(thp):
             _copy_huge_pmds(k, child, dst, pflat[thp], cflat_all[thp], copy.deposit_rows, copy.works)
-        plan.commit(k, parent, child, pidx, cidx, copy.copy_pages, copy.works)
+        done = 0
+        for chunk, n_copy in zip(chunks, n_copies, strict=True):
+            pidx, cidx, vals, new_table, _ = entries(chunk, virtual=False)
+            plan = _plan_ptes(k, parent, src, dst, mode, vals, new_table, None)
+            assert plan.n_copy == n_copy, "pinned-page count changed between plan and commit"
+            plan.commit(k, parent, child, pidx, cidx, copy.copy_pages[done : done + n_copy], copy.works)
+            done += n_copy
 
     copy.commit_steps.append(commit)
     return copy
