@@ -189,11 +189,9 @@ def _one(work: Work):  # type: ignore[no-untyped-def]
 
 def _exit_mmap(k, mm: Mm):  # type: ignore[no-untyped-def]
     """Mirrors: mm/mmap.c exit_mmap: unmap everything, free every table, drop the mm."""
-    from mmuemu.mm.fork import _free_all_tables
-
     for v in mm.vmas:
         yield from zap.zap_range(k, mm, v.start, v.end, full=True)
-    _free_all_tables(k, mm)
+    k.pt.free_tree(mm.pgd_row)
     mm.vmas.vmas.clear()
     mm.dead = True
     del k.mms[mm.id]

@@ -96,24 +96,8 @@ def _discard(k: Kernel, child: Mm, copies: list[_VmaCopy]) -> None:
         k.phys.ref_sub_and_free(c.copy_pages, 1) if len(c.copy_pages) else None
         if len(c.deposit_rows):
             k.pt.free(c.deposit_rows)
-    _free_all_tables(k, child)
+    k.pt.free_tree(child.pgd_row)
     del k.mms[child.id]
-
-
-def _free_all_tables(k: Kernel, mm: Mm) -> None:
-    rows: list[int] = []
-    level_rows = [mm.pgd_row]
-    for _level in range(k.arch.levels - 1):
-        nxt: list[int] = []
-        for r in level_rows:
-            e = k.pt.entries[r]
-            nz = e[e != 0]
-            if len(nz):
-                nxt.extend(k.pt.rows_of(nz).tolist())
-        rows.extend(level_rows)
-        level_rows = nxt
-    rows.extend(level_rows)
-    k.pt.free(np.array(rows, dtype=np.int64))
 
 
 @define(eq=False)

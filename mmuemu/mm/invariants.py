@@ -16,37 +16,9 @@ from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, RSS_NAMES, K
 from mmuemu.mm.physmem import F_ALLOC, F_ANON, F_PGTABLE, F_RESERVED, F_SWAPBACKED, MAX_ORDER
 from mmuemu.mm.vma import File, VmFlag
 
-__all__ = ["check", "walk_tables"]
+__all__ = ["check"]
 
 I64 = NDArray[np.int64]
-
-
-def walk_tables(k: Kernel, mm: Mm) -> tuple[list[I64], I64, I64, I64]:
-    """All table rows of ``mm`` by level, the base address of each PTE table, and the flat
-    index and address of each PMD leaf."""
-    a, pt = k.arch, k.pt
-    n = a.ptrs_per_table
-    rows = np.array([mm.pgd_row], np.int64)
-    base = np.zeros(1, np.int64)
-    levels = [rows]
-    leaf_flat = np.zeros(0, np.int64)
-    leaf_va = np.zeros(0, np.int64)
-    for level in range(a.levels - 1):
-        ent = pt.entries[rows]
-        r, c = np.nonzero(ent)
-        e = ent[r, c]
-        va = base[r] + (c.astype(np.int64) << a.level_shift(level))
-        if level == a.levels - 2:
-            lf = a.pmd_leaf(e)
-            leaf_flat = rows[r[lf]] * n + c[lf]
-            leaf_va = va[lf]
-            e, va = e[~lf], va[~lf]
-        rows = pt.rows_of(e)
-        if (rows < 0).any():
-            raise InvariantError(f"mm {mm.id}: a level-{level} entry points at a page that is not a table")
-        base = va
-        levels.append(rows)
-    return levels, base, leaf_flat, leaf_va
 
 
 def check(k: Kernel) -> None:
@@ -58,7 +30,10 @@ def check(k: Kernel) -> None:
     pmd_map = np.zeros(npg, np.int64)
     table_refs = np.zeros(len(pt.row_pfn), np.int64)
     for mm in k.mms.values():
-        levels, base, leaf_flat, leaf_va = walk_tables(k, mm)
+        try:
+            levels, base, leaf_flat, leaf_va = k.pt.walk(mm.pgd_row)
+        except ValueError as e:
+            raise InvariantError(f"mm {mm.id}: {e}") from None
         for lv, rows in enumerate(levels):
             np.add.at(table_refs, rows, 1)
             bad = pt.row_level[rows] != lv

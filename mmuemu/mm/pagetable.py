@@ -228,3 +228,36 @@ class PageTables:
         if not vas:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(vas), np.concatenate(flats)
+
+    def walk(self, pgd_row: int) -> tuple[list[I64], I64, I64, I64]:
+        """Every table of one tree: rows by level (PGD first), the base address of each PTE
+        table, and the flat index and address of each PMD leaf."""
+        a = self.arch
+        n = a.ptrs_per_table
+        rows = np.array([pgd_row], np.int64)
+        base = np.zeros(1, np.int64)
+        levels = [rows]
+        leaf_flat = np.zeros(0, np.int64)
+        leaf_va = np.zeros(0, np.int64)
+        for level in range(a.levels - 1):
+            ent = self.entries[rows]
+            r, c = np.nonzero(ent)
+            e = ent[r, c]
+            va = base[r] + (c.astype(np.int64) << a.level_shift(level))
+            if level == a.levels - 2:
+                lf = a.pmd_leaf(e)
+                leaf_flat = rows[r[lf]] * n + c[lf]
+                leaf_va = va[lf]
+                e, va = e[~lf], va[~lf]
+            rows = self.rows_of(e)
+            if (rows < 0).any():
+                raise ValueError(f"a level-{level} entry points at a page that is not a table")
+            base = va
+            levels.append(rows)
+        return levels, base, leaf_flat, leaf_va
+
+    def free_tree(self, pgd_row: int) -> None:
+        """Mirrors: free_pgtables + pgd_free at exit: every table of the tree goes back."""
+        levels, _, _, _ = self.walk(pgd_row)
+        self.free(np.concatenate(levels))
+
