@@ -23,11 +23,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mmuemu.errors import OutOfMemory, SegmentationFault
+from mmuemu.mm.filemap import map_file, pagecache
 from mmuemu.mm.huge_memory import split_huge_pmds
-from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
+from mmuemu.mm.mm import MM_ANONPAGES, Kernel, Mm
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED, ZERO_PFN
-from mmuemu.mm.vma import AnonVma, Vma, VmFlag
+from mmuemu.mm.undo import Undo, alloc_folios
+from mmuemu.mm.vma import Vma, VmFlag
 from mmuemu.mm.work import Ops, Work
+from mmuemu.mm.wp import anon_vma_prepare, wp_copy, wp_reuse
 from mmuemu.runs import expand_runs
 
 __all__ = ["check_access", "fault_range", "populate_tables"]
@@ -64,29 +67,6 @@ def _prot_str(flags: int) -> str:
     return s or "none"
 
 
-class _Undo:
-    """Allocations made while planning, released if a later allocation fails."""
-
-    def __init__(self, k: Kernel) -> None:
-        self.k = k
-        self.folios: list[I64] = []
-        self.tables: list[tuple[int, int]] = []
-        self.rows: list[I64] = []  # tables allocated but not linked yet
-        self.pending: dict[int, int] = {}  # PMD entry -> its new, not yet linked table
-        self.hooks: list[Any] = []
-
-    def rollback(self) -> None:
-        for hook in self.hooks:
-            hook()
-        for rows in self.rows:
-            self.k.pt.free(rows)
-        for heads in self.folios:
-            self.k.phys.ref_sub_and_free(heads, self.k.phys.refcount[heads])
-        for parent_flat, row in reversed(self.tables):
-            self.k.pt.flat[parent_flat] = 0
-            self.k.pt.free(np.array([row]))
-
-
 def populate_tables(k: Kernel, mm: Mm, start: int, end: int, undo: Any = None) -> tuple[I64, I64]:
     """PMD slots over [start, end), with upper tables allocated: (va, pmd flat index)."""
     rows: list[int] = []
@@ -114,7 +94,7 @@ def fault_range(k: Kernel, mm: Mm, start: int, end: int, *, write: bool,
     FAULT_FLAG_UNSHARE of a R/O longterm pin)."""
     vmas = check_access(mm, start, end, write)
     ops = Ops()
-    undo = _Undo(k)
+    undo = Undo(k)
     plans = []
     try:
         for v in vmas:
@@ -142,7 +122,7 @@ def _pte_index(k: Kernel, rows: I64, va: I64, start: int, end: int) -> tuple[I64
 
 
 def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare: bool,
-              ops: Ops, undo: _Undo) -> Any:
+              ops: Ops, undo: Undo) -> Any:
     """Allocate what faulting [s, e) of ``vma`` needs; return the step that maps it."""
     a, ph, pt = k.arch, k.phys, k.pt
     n = a.ptrs_per_table
@@ -259,10 +239,10 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
     copy_new = np.zeros(0, np.int64)
     cow_targets = copy | cow_new
     if cow_targets.any():
-        copy_new = _alloc(ph, 0, int(cow_targets.sum()), F_ANON | F_SWAPBACKED, undo)
+        copy_new = alloc_folios(ph, 0, int(cow_targets.sum()), F_ANON | F_SWAPBACKED, undo)
     cache = np.zeros(0, np.int64)
     if (file_pages | cow_new).any():
-        cache = _pagecache(k, vma, addrs[file_pages | cow_new], undo)
+        cache = pagecache(k, vma, addrs[file_pages | cow_new], undo)
 
     def apply() -> None:
         flat = pt.flat
@@ -298,7 +278,7 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
         for order, fheads, first in new_folios:
             _map_new_anon(k, mm, vma, fheads, order, first, prot, ops)
         if reuse.any():
-            _wp_reuse(k, mm, vma, idx[reuse], cur[reuse], pfn[reuse], unshare and not write, ops)
+            wp_reuse(k, mm, vma, idx[reuse], cur[reuse], pfn[reuse], unshare and not write, ops)
         if cow_targets.any():
             src = np.where(copy, pfn, 0)
             ci = np.flatnonzero(cow_targets)
@@ -307,12 +287,12 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
                 cache_of = np.zeros(len(vals), np.int64)
                 cache_of[fidx] = cache
                 src[cow_new] = cache_of[cow_new]
-            _wp_copy(k, mm, vma, idx[ci], cur[ci], src[ci], copy[ci], addrs[ci], copy_new, prot,
+            wp_copy(k, mm, vma, idx[ci], cur[ci], src[ci], copy[ci], addrs[ci], copy_new, prot,
                      write, ops)
         if file_pages.any():
             cache_of = np.zeros(len(vals), np.int64)
             cache_of[np.flatnonzero(file_pages | cow_new)] = cache
-            _map_file(k, mm, vma, idx[file_pages], cache_of[file_pages], prot, write, ops)
+            map_file(k, mm, vma, idx[file_pages], cache_of[file_pages], prot, write, ops)
 
     return apply
 
@@ -323,25 +303,19 @@ def _orders(mm: Mm, vma: Vma) -> tuple[int, ...]:
     return mm.folio_orders
 
 
-def _alloc_some(ph: Any, order: int, n: int, undo: _Undo) -> I64:
+def _alloc_some(ph: Any, order: int, n: int, undo: Undo) -> I64:
     """Up to ``n`` folios of a large ``order``; fewer (maybe none) when memory is short.
 
     Mirrors: alloc_anon_folio trying an order and falling back on failure.
     """
     try:
-        return _alloc(ph, order, min(n, ph.available(order)), F_ANON | F_SWAPBACKED, undo)
+        return alloc_folios(ph, order, min(n, ph.available(order)), F_ANON | F_SWAPBACKED, undo)
     except OutOfMemory:
         return np.zeros(0, np.int64)
 
 
-def _alloc(ph: Any, order: int, n: int, flags: Any, undo: _Undo) -> I64:
-    heads = ph.new_folios(order, n, flags)
-    undo.folios.append(heads)
-    return heads
-
-
 def _alloc_anon(k: Kernel, vma: Vma, orders: tuple[int, ...], table_rows: I64, sl: I64, va: I64,
-                idx: I64, alloc_pages: NDArray[np.bool_], undo: _Undo) -> list[tuple[int, I64, I64]]:
+                idx: I64, alloc_pages: NDArray[np.bool_], undo: Undo) -> list[tuple[int, I64, I64]]:
     """Place anon folios over the none PTEs the range touches (alloc_anon_folio's fallback).
 
     Returns (order, heads, flat index of the first PTE) per order used.
@@ -352,7 +326,7 @@ def _alloc_anon(k: Kernel, vma: Vma, orders: tuple[int, ...], table_rows: I64, s
     small = [o for o in orders if o < a.pmd_order]
     if small == [0]:  # order-0 only: one folio per touched none entry
         first = idx[alloc_pages]
-        return [(0, _alloc(ph, 0, len(first), F_ANON | F_SWAPBACKED, undo), first)]
+        return [(0, alloc_folios(ph, 0, len(first), F_ANON | F_SWAPBACKED, undo), first)]
     # the tables involved, whole, so blocks can look at PTEs outside the range
     rows = np.unique(idx[alloc_pages] // n)
     srows = table_rows[sl]
@@ -378,7 +352,7 @@ def _alloc_anon(k: Kernel, vma: Vma, orders: tuple[int, ...], table_rows: I64, s
             if not len(heads):
                 continue
         else:
-            heads = _alloc(ph, order, len(cand), F_ANON | F_SWAPBACKED, undo)
+            heads = alloc_folios(ph, order, len(cand), F_ANON | F_SWAPBACKED, undo)
         first = rows[cand[:, 0]] * n + cand[:, 1] * size
         out.append((order, heads, first))
         view = free.reshape(len(rows), n // size, size)
@@ -404,17 +378,11 @@ def _map_new_anon(k: Kernel, mm: Mm, vma: Vma, heads: I64, order: int, first: I6
     if vma.flags & VmFlag.WRITE:
         pte = a.pte_mkwrite(pte)
     a.set_ptes(mm, k.pt.flat, first, pte, np.full(len(heads), nr, dtype=np.int64), ops)
-    _anon_vma_prepare(vma)
+    anon_vma_prepare(vma)
     mm.rss[MM_ANONPAGES] += len(pages)
     ops.add("page_faults", len(heads))
     ops.add("folio_allocs", len(heads))
     ops.add("page_zeroes", len(pages))
-
-
-def _anon_vma_prepare(vma: Vma) -> None:
-    """Mirrors: anon_vma_prepare."""
-    if vma.anon_vma is None:
-        vma.anon_vma = AnonVma()
 
 
 def _map_thp(k: Kernel, mm: Mm, vma: Vma, pmd_flat: I64, heads: I64, deposit: I64, prot: int,
@@ -430,101 +398,10 @@ def _map_thp(k: Kernel, mm: Mm, vma: Vma, pmd_flat: I64, heads: I64, deposit: I6
     k.pt.flat[pmd_flat] = a.pte_to_pmd(pte)
     for f, r in zip(pmd_flat.tolist(), deposit.tolist(), strict=True):
         mm.deposit[f] = r
-    _anon_vma_prepare(vma)
+    anon_vma_prepare(vma)
     mm.rss[MM_ANONPAGES] += len(heads) * a.ptrs_per_table
     ops.add("page_faults", len(heads))
     ops.add("folio_allocs", len(heads))
     ops.add("page_zeroes", len(heads) * a.ptrs_per_table)
 
 
-def _wp_reuse(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], pfn: I64,
-              unshare_only: bool, ops: Ops) -> None:
-    """Mirrors: do_wp_page's reuse branch and wp_page_reuse (or wp_page_shared)."""
-    a, ph = k.arch, k.phys
-    if not vma.flags & VmFlag.SHARED:
-        ph.anon_exclusive[pfn] = True
-    ops.add("page_faults", len(idx))
-    ops.add("cow_reuses", len(idx))
-    if unshare_only:
-        return
-    new = a.pte_mkyoung(a.pte_mkdirty(a.pte_mkwrite(cur)))
-    a.ptep_set_access_flags(mm, k.pt.flat, idx, new, ops)
-
-
-def _wp_copy(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], src: I64,
-             was_mapped: NDArray[np.bool_], addrs: I64, new: I64, prot: int, write: bool,
-             ops: Ops) -> None:
-    """Mirrors: wp_page_copy (and do_cow_fault for private file pages not yet mapped)."""
-    a, ph = k.arch, k.phys
-    ph.token[new] = ph.token[src]
-    ph.mapcount[new] = 1
-    ph.anon_exclusive[new] = True
-    pte = a.pfn_pte(new, prot)
-    if write:
-        pte = a.pte_mkdirty(pte)
-        if vma.flags & VmFlag.WRITE:
-            pte = a.pte_mkwrite(pte)
-    else:  # an unshare maps the copy read-only and clean, keeping soft-dirty and uffd-wp
-        pte = np.where(a.pte_soft_dirty(cur), a.pte_mksoft_dirty(pte), pte)
-        pte = np.where(a.pte_uffd_wp(cur), a.pte_mkuffd_wp(pte), pte)
-    mapped = idx[was_mapped]
-    if len(mapped):
-        old = a.ptep_get_and_clear(mm, k.pt.flat, mapped, ops)
-        for addr in addrs[was_mapped].tolist():
-            a.flush_tlb_page(mm, addr, ops, k.cpu)
-        opfn = a.pte_pfn(old)
-        normal = ~a.pte_special(old)
-        op = opfn[normal]
-        oh = ph.head[op].astype(np.int64)
-        ph.mapcount[op] -= 1
-        large = ph.order[oh] > 0
-        np.subtract.at(ph.large_mapcount, oh[large], 1)
-        anon = (ph.flags[oh] & F_ANON) != 0
-        shm = ~anon & ((ph.flags[oh] & F_SWAPBACKED) != 0)
-        mm.rss[MM_ANONPAGES] -= int(anon.sum())
-        mm.rss[MM_SHMEMPAGES] -= int(shm.sum())
-        mm.rss[MM_FILEPAGES] -= int((~anon & ~shm).sum())
-        ops.add("folios_freed", len(ph.ref_sub_and_free(oh, 1)))
-        ops.add("mapcount_ops", len(op))
-        ops.add("folio_ref_ops", len(op))
-    k.pt.flat[idx] = pte
-    _anon_vma_prepare(vma)
-    mm.rss[MM_ANONPAGES] += len(new)
-    ops.add("page_faults", len(idx))
-    ops.add("cow_copies", len(idx))
-    ops.add("page_copies", len(idx))
-    ops.add("pte_writes", len(idx))
-
-
-def _pagecache(k: Kernel, vma: Vma, addrs: I64, undo: _Undo) -> I64:
-    """Mirrors: filemap_fault / shmem_get_folio: the cached page for each address, allocating
-    (order 0, zero-filled) pages not yet cached."""
-    f = vma.file
-    assert f is not None
-    pg = np.asarray(vma.file_page(addrs), dtype=np.int64)
-    if (pg >= f.nr_pages).any():
-        bad = int(addrs[pg >= f.nr_pages][0])
-        raise SegmentationFault(f"access at {bad:#x} beyond the end of file {f.name!r} (SIGBUS)")
-    missing = np.unique(pg[f.pagecache[pg] == 0])
-    if len(missing):
-        flags = F_SWAPBACKED if f.swapbacked else np.uint8(0)
-        heads = _alloc(k.phys, 0, len(missing), flags, undo)
-        f.pagecache[missing] = heads
-        undo.hooks.append(lambda: f.pagecache.__setitem__(missing, 0))
-    return f.pagecache[pg]
-
-
-def _map_file(k: Kernel, mm: Mm, vma: Vma, idx: I64, pfns: I64, prot: int, write: bool, ops: Ops) -> None:
-    """Mirrors: finish_fault / set_pte_range for file pages (read, or shared write)."""
-    a, ph = k.arch, k.phys
-    pte = a.pfn_pte(pfns, prot)
-    if write:
-        pte = a.pte_mkdirty(pte)
-    k.pt.flat[idx] = pte
-    np.add.at(ph.mapcount, pfns, 1)
-    np.add.at(ph.refcount, pfns, 1)
-    shm = (ph.flags[pfns] & F_SWAPBACKED) != 0
-    mm.rss[MM_SHMEMPAGES] += int(shm.sum())
-    mm.rss[MM_FILEPAGES] += int((~shm).sum())
-    ops.add("page_faults", len(idx))
-    ops.add("pte_writes", len(idx))

@@ -1,0 +1,300 @@
+"""The PTE-level copy of fork: copy_pte_range and copy_present_ptes over whole ranges.
+
+Mirrors: mm/memory.c copy_pte_range, copy_present_ptes, __copy_present_ptes,
+copy_present_page and mm/internal.h folio_pte_batch, planned for every entry of a range of
+page tables at once (which entries form batches, which go alone because a maybe-pinned
+batch would fail) and then committed: rmap and refcounts, the architecture's
+``wrprotect_ptes`` on the parent and ``set_ptes`` on the child, and the lock sections with
+their resched checkpoints as a :class:`~mmuemu.mm.work.Work`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from attrs import define
+from numpy.typing import NDArray
+
+from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
+from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
+from mmuemu.mm.progress import checkpoint_count, checkpoints
+from mmuemu.mm.vma import Vma, VmFlag
+from mmuemu.mm.work import Ops, Work
+from mmuemu.runs import expand_runs
+
+__all__ = ["PtePlan", "plan_ptes"]
+
+I64 = NDArray[np.int64]
+B = NDArray[np.bool_]
+
+
+@define(eq=False)
+class PtePlan:
+    n_copy: int
+    commit: Any
+
+
+K_NONE, K_PRESENT, K_SPECIAL = 0, 1, 2
+
+
+def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArray[np.uint64],
+               new_table: B, ae_virtual: B | None) -> PtePlan:
+    """Mirrors: copy_pte_range / copy_present_ptes / folio_pte_batch over every entry of the
+    VMA at once.  ``new_table`` marks each table's first entry.  Returns the plan; its
+    ``commit`` applies it and builds the Work."""
+    a, ph = k.arch, k.phys
+    m = len(vals)
+    present = a.pte_present(vals)
+    special = present & a.pte_special(vals)
+    normal = present & ~special
+    pfn = a.pte_pfn(vals)  # none entries give pfn 0: masked by ``normal`` wherever it matters
+    head = ph.head[pfn]
+    large = ph.order[head] > 0
+    ae = ph.anon_exclusive[pfn]
+    if ae_virtual is not None:
+        ae |= ae_virtual
+    anon = normal & ((ph.flags[head] & F_ANON) != 0)
+    maybe_pinned = anon & ph.folio_maybe_dma_pinned(head) if parent.has_pinned else None
+
+    # ---- folio_pte_batch: which entries continue the batch of the previous one
+    region = None  # entries that go alone because their batch would fail (-EAGAIN)
+    if mode == "batched" and large.any():
+        ign = a.pte_wrprotect(a.pte_mkold(vals))
+        if src.flags & VmFlag.SHARED:
+            ign = a.pte_mkclean(ign)
+        if not src.flags & VmFlag.SOFTDIRTY:
+            ign = a.pte_clear_soft_dirty(ign)
+        bits = a.pte_same_bits(ign)
+        cont = np.zeros(m, bool)
+        cont[1:] = (large[1:] & normal[1:] & (head[1:] == head[:-1]) & (pfn[1:] == pfn[:-1] + 1)
+                    & (bits[1:] == bits[:-1]))
+        cont &= ~new_table
+        if maybe_pinned is not None:
+            # a batch holding an exclusive page of a maybe-pinned folio fails; every entry
+            # up to its last exclusive page then goes alone
+            bstart = np.flatnonzero(~cont)
+            bend = np.append(bstart[1:], m)
+            pin_b = maybe_pinned[bstart] & np.logical_or.reduceat(ae, bstart) & ((bend - bstart) > 1)
+            if pin_b.any():
+                last_ae = np.maximum.reduceat(np.where(ae, np.arange(m), -1), bstart)
+                rs, re_ = bstart[pin_b], last_ae[pin_b] + 1
+                idx, _ = expand_runs(rs, re_ - rs)
+                region = np.zeros(m, bool)
+                region[idx] = True
+                cont[idx] = False
+                cont[re_[re_ < m]] = False
+        starts: I64 | None = np.flatnonzero(~cont)
+        batched_path = large[starts] & normal[starts]
+    else:
+        starts = None  # every entry is an item of its own
+        batched_path = None
+    if starts is not None and len(starts) == m:
+        starts = None
+    nr = np.diff(np.append(starts, m)) if starts is not None else None
+    is_copy = eagain = None
+    if maybe_pinned is not None:
+        sp = maybe_pinned if starts is None else maybe_pinned[starts] & (nr == 1)
+        ae_s = ae if starts is None else ae[starts]
+        is_copy = sp & ae_s
+        reg = False if region is None else (region if starts is None else region[starts])
+        eagain = sp & (ae_s | reg)
+    n_copy = 0 if is_copy is None else int(is_copy.sum())
+
+    def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64, cidx: I64, copy_pages: I64,
+               works: list[Work]) -> None:
+        e = Entries(vals, normal, special, pfn, head, large, ae, anon, new_table)
+        _commit(k, parent, child, src, dst, mode, e, pidx, cidx, starts, nr, is_copy, eagain,
+                batched_path, copy_pages, works)
+
+    return PtePlan(n_copy, commit)
+
+
+@define(eq=False)
+class Entries:
+    """Per-entry facts of the parent's PTEs, from planning."""
+
+    vals: NDArray[np.uint64]
+    normal: B
+    special: B
+    pfn: I64
+    head: NDArray[np.int32]
+    large: B
+    ae: B
+    anon: B
+    new_table: B
+
+
+def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: Entries,
+            pidx: I64, cidx: I64, starts: I64 | None, nr: I64 | None, is_copy: B | None,
+            eagain: B | None, batched_path: B | None, copy_pages: I64, works: list[Work]) -> None:
+    """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries.
+
+    ``starts``/``nr`` give the items (batches); None means every entry is its own item,
+    the common case for order-0 folios and for legacy mode, which skips all indexing.
+    """
+    a, ph = k.arch, k.phys
+    m = len(e.vals)
+    singles = starts is None
+
+    def at(x: NDArray[Any]) -> NDArray[Any]:
+        return x if starts is None else x[starts]
+
+    n_items = m if starts is None else len(starts)
+    ops = Ops(n_items)
+    flat = k.pt.flat
+
+    # ---- dup items: present and not copied
+    i_norm = at(e.normal)
+    dup = i_norm | at(e.special)
+    if is_copy is not None:
+        dup &= ~is_copy
+    di = np.flatnonzero(dup)
+    # "full": every entry is its own item and is duplicated: no gathers needed at all
+    full = singles and len(di) == m
+
+    def g(x: NDArray[Any], idx: NDArray[Any]) -> NDArray[Any]:
+        return x if full else x[idx]
+
+    d_start = di if starts is None else starts[di]
+    d_nr = np.ones(len(di), np.int64) if nr is None else nr[di]
+    if singles:
+        ent = d_start
+    else:
+        ent, ent_off = expand_runs(d_start, d_nr)
+    norm_ent = g(e.normal, ent)
+    all_norm = bool(norm_ent.all())
+    full = full and all_norm
+    ent_n = ent if all_norm else ent[norm_ent]
+    pfn_n = g(e.pfn, ent_n)
+    # refcount: one folio_ref_add (or folio_get) per item; small folios are mapped once
+    ni = di if all_norm and singles else di[e.normal[d_start]]
+    ni_first = ni if starts is None else starts[ni]
+    h_items = g(e.head, ni_first)
+    lg = g(e.large, ni_first)
+    ni_nr = np.ones(len(ni), np.int64) if nr is None else nr[ni]
+    if lg.any():
+        ph.scatter_add(ph.refcount, h_items[lg], ni_nr[lg])
+        ph.scatter_add(ph.large_mapcount, h_items[lg], ni_nr[lg])
+        ph.refcount[h_items[~lg]] += 1
+    else:
+        ph.refcount[h_items] += 1
+    # mapcount: one atomic per page (v6.9)
+    ph.mapcount[pfn_n] += 1
+    if full:
+        ops.add_each("folio_ref_ops")
+        ops.add_each("mapcount_ops")
+    else:
+        ops.add("folio_ref_ops", 1, ni)
+        ops.add("mapcount_ops", ni_nr, ni)
+    # AnonExclusive cleared on every page that had it
+    ae_n = g(e.ae, ent_n)
+    if ae_n.any():
+        ph.anon_exclusive[pfn_n[ae_n]] = False
+        if singles:
+            ops.add("anon_exclusive_clears", 1, ni[ae_n])
+        else:
+            per = np.add.reduceat(e.ae[ent].astype(np.int64), np.cumsum(d_nr) - d_nr)
+            ops.add("anon_exclusive_clears", per, di)
+    # rss of the child
+    anon_n = g(e.anon, ent_n)
+    n_anon = int(np.count_nonzero(anon_n))
+    child.rss[MM_ANONPAGES] += n_anon
+    if n_anon < len(ent_n):
+        shm = (ph.flags[e.head[ent_n[~anon_n]]] & F_SWAPBACKED) != 0
+        child.rss[MM_SHMEMPAGES] += int(shm.sum())
+        child.rss[MM_FILEPAGES] += int((~shm).sum())
+
+    # ---- __copy_present_ptes: parent wrprotect, child entries from the first pte
+    pte = e.vals.copy() if full else e.vals[d_start]
+    write = a.pte_write(pte)
+    if not singles and len(ent):
+        any_w = np.logical_or.reduceat(a.pte_write(e.vals[ent]), np.cumsum(d_nr) - d_nr)
+        mk = any_w & ~write
+        if mk.any():
+            pte[mk] = a.pte_mkwrite(pte[mk])
+            write = any_w
+    if src.is_cow and write.any():
+        if write.all():
+            a.wrprotect_ptes(parent, flat, pidx[d_start] if not full else pidx, d_nr, ops, di,
+                             expanded=pidx if full else (None if singles else pidx[ent]))
+            pte = a.pte_wrprotect(pte)
+        else:
+            wi = np.flatnonzero(write)
+            a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi])
+            pte[wi] = a.pte_wrprotect(pte[wi])
+    if src.flags & VmFlag.SHARED:
+        pte = a.pte_mkclean(pte)
+    pte = a.pte_mkold(pte)
+    if not dst.flags & VmFlag.UFFD_WP:
+        pte = a.pte_clear_uffd_wp(pte)
+    a.set_ptes(child, flat, cidx if full else cidx[d_start], pte, d_nr, ops, di,
+               expanded=None if singles else (cidx[ent], ent_off))
+
+    # ---- pinned exclusive pages: copy_present_page into the preallocated pages
+    if is_copy is not None and is_copy.any():
+        ci = np.flatnonzero(is_copy)
+        ce = at(np.arange(m))[ci]
+        ph.token[copy_pages] = ph.token[e.pfn[ce]]
+        ph.mapcount[copy_pages] = 1
+        ph.anon_exclusive[copy_pages] = True
+        cp = a.pte_mkdirty(a.pfn_pte(copy_pages, a.vm_get_page_prot(dst.prot)))
+        if dst.flags & VmFlag.WRITE:
+            cp = a.pte_mkwrite(cp)
+        flat[cidx[ce]] = cp
+        child.rss[MM_ANONPAGES] += len(ci)
+        ops.add("fork_page_copies", 1, ci)
+        ops.add("page_copies", 1, ci)
+        ops.add("pte_writes", 1, ci)
+        ops.add("mapcount_ops", 1, ci)
+        ops.add("folio_ref_ops", 2, ci)  # folio_get + folio_put of the failed dup
+    if eagain is not None and eagain.any():
+        assert is_copy is not None
+        ei = np.flatnonzero(eagain)
+        ops.add("prealloc_retries", 1, ei)
+        ops.add("folio_allocs", 1, ei)
+        if batched_path is not None:
+            ops.add("folio_ref_ops", 2, ei[batched_path[ei]])  # ref_add + ref_sub of the failed batch
+        ops.add("folios_freed", 1, ei[~is_copy[ei]])  # the unused prealloc
+
+    # ---- the loop's own work: reads, progress, checkpoints, sections
+    ops.add_each("pte_reads")
+    if batched_path is not None and batched_path.any():
+        bi = np.flatnonzero(batched_path)
+        b_nr = np.ones(len(bi), np.int64) if nr is None else nr[bi]
+        ops.add("pte_reads", b_nr - 1, bi)
+        # folio_pte_batch also reads the entry that ends a batch, unless the table ended
+        stop = (bi if starts is None else starts[bi]) + b_nr
+        more = stop < m
+        more[more] = ~e.new_table[stop[more]]
+        ops.add("pte_reads", more.astype(np.int64), bi)
+        ops.add("fork_batched_ptes", b_nr, bi)
+    present_items = di if is_copy is None else np.flatnonzero(dup | is_copy)
+    ops.add("fork_batches", 1, present_items)
+    n_present = len(present_items)
+    if n_present == n_items and (mode == "legacy" or nr is None):
+        inc: I64 | int = 8
+    elif n_present == n_items and nr is not None and (nr == nr[0]).all():
+        inc = 8 * int(nr[0])
+    else:
+        none_item = ~(i_norm | at(e.special))
+        inc = np.where(none_item, 1, 8 * nr if mode == "batched" and nr is not None else 8)
+    sec = at(e.new_table)
+    if eagain is not None:
+        sec = sec | eagain
+    sec_start = np.flatnonzero(sec)
+    count = checkpoint_count(inc, sec_start, n_items)
+    if count is None:
+        cps = checkpoints(inc, sec_start, n_items)
+        ops.add("resched_checks", 1, cps)
+        cp_arg: Any = cps
+    else:
+        ops.add_lazy("resched_checks", count, lambda: checkpoints(inc, sec_start, n_items))
+        cp_arg = lambda: checkpoints(inc, sec_start, n_items)  # noqa: E731
+    ops.add("ptl_locks", 2, sec_start)
+    ops.add("cond_resched", 1, sec_start)
+    ops.add("copy_pte_range", 1, sec_start)
+    ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table)))
+    lock_ids = cidx[at(np.arange(m))[sec_start]] // k.arch.ptrs_per_table
+    works.append(Work("copy_pte_range", ops, sections=sec_start, locks=("ptl", "ptl"),
+                      lock_ids=lock_ids, checkpoints=cp_arg, cond_resched=True))
