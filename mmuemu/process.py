@@ -139,6 +139,15 @@ class Process:
         return self._run(gup.gup(self._k(), self.mm, start, end - start, pin=True, write=write,
                                  longterm=longterm))
 
+    def run_on(self, *cpus: int) -> None:
+        """Record that this process's threads ran on these CPUs (mm_cpumask), so TLB
+        shootdowns reach them (x86: one IPI per other CPU)."""
+        bad = [c for c in cpus if not isinstance(c, int) or not 0 <= c < self.machine.cpus]
+        if bad:
+            raise InvalidArgument(f"cpus {bad} do not exist; this machine has 0..{self.machine.cpus - 1}")
+        self._k()
+        self.mm.cpumask |= set(cpus)
+
     # ------------------------------------------------------------ inspection
     def pte(self, addr: int) -> PteInfo:
         """The entry mapping ``addr`` (a PMD leaf is shown as its page's PTE)."""

@@ -187,3 +187,23 @@ def test_fault_range_across_vmas_sharing_a_table(m: mmuemu.Machine) -> None:
     assert q.rss == {"anon": 2, "file": 2, "shmem": 0, "swap": 0}
     m.check()
     assert free - m.free_pages >= 3
+
+
+def test_stats_names_every_design_counter(m: mmuemu.Machine) -> None:
+    for name in ("contpte_unfolds", "lock_breaks", "ipis", "fork_page_copies", "cow_reuses"):
+        assert m.stats[name] == 0
+
+
+@pytest.mark.parametrize("cpus", [(), (1,), (1, 2, 3)])
+def test_fork_ipis_per_other_cpu(m: mmuemu.Machine, cpus: tuple[int, ...]) -> None:
+    """x86 flush_tlb_mm at the end of fork: one IPI to every other CPU the parent ran on."""
+    p = m.spawn()
+    a = p.mmap(MiB)
+    p.populate(a, MiB)
+    p.run_on(*cpus)
+    with m.measure() as t:
+        p.fork()
+    assert t.counts["tlb_flush_mm"] == 1
+    assert t.counts["ipis"] == len(cpus)
+    with pytest.raises(mmuemu.InvalidArgument, match="do not exist"):
+        p.run_on(4)
