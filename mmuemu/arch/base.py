@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from mmuemu.runs import expand_runs
+from mmuemu.runs import Rows, expand_runs
 
 if TYPE_CHECKING:
     from mmuemu.mm.work import Ops
@@ -199,15 +199,18 @@ class Arch:
         """Mirrors: include/linux/pgtable.h pte_batch_hint (1 unless overridden)."""
         return np.ones(len(idx), dtype=np.int64)
 
-    def set_ptes(self, mm: Any, store: U64, start: I64, pte: U64, nr: I64, ops: Ops,
+    def set_ptes(self, mm: Any, store: U64, start: I64 | Rows, pte: U64, nr: I64, ops: Ops,
                  items: Any = None, expanded: tuple[I64, I64] | None = None) -> None:
         """Mirrors: include/linux/pgtable.h set_ptes: nr stores, advancing the PFN.
 
         Contract as the kernel's: for nr > 1 the targets are not present and map one folio.
-        ``expanded`` may pass the runs' flat indices and offsets when the caller has them.
+        ``expanded`` may pass the runs' flat indices and offsets when the caller has them;
+        ``start`` may be whole :class:`~mmuemu.runs.Rows` when every run is one entry.
         """
         total = int(nr.sum())
-        if total == len(nr):  # all single entries: no PFN to advance
+        if isinstance(start, Rows):
+            start.put(store, pte)
+        elif total == len(nr):  # all single entries: no PFN to advance
             store[start] = pte
         else:
             flat, off = expanded if expanded is not None else expand_runs(start, nr)
@@ -215,13 +218,17 @@ class Arch:
         ops.add("pte_writes", nr, items)
 
     def wrprotect_ptes(self, mm: Any, store: U64, start: I64, nr: I64, ops: Ops,
-                       items: Any = None, expanded: I64 | None = None) -> None:
+                       items: Any = None, expanded: I64 | Rows | None = None) -> None:
         """Mirrors: include/linux/pgtable.h wrprotect_ptes: a loop of ptep_set_wrprotect.
 
-        ``expanded`` may pass the runs' flat indices when the caller has them.
+        ``expanded`` may pass the runs' entries (flat indices or whole rows) when the caller
+        has them.
         """
         flat = expanded if expanded is not None else expand_runs(start, nr)[0]
-        self._set_wrprotect(store, flat)
+        if isinstance(flat, Rows):
+            flat.put(store, self.pte_wrprotect(flat.get(store)))
+        else:
+            self._set_wrprotect(store, flat)
         ops.add("ptes_wrprotected", nr, items)
         ops.add("pte_atomics", nr, items)
 

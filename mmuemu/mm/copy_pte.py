@@ -21,7 +21,7 @@ from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
 from mmuemu.mm.progress import checkpoint_count, checkpoints
 from mmuemu.mm.vma import Vma, VmFlag
 from mmuemu.mm.work import Ops, Work
-from mmuemu.runs import expand_runs
+from mmuemu.runs import Rows, expand_runs, flat_index
 
 __all__ = ["PtePlan", "plan_ptes"]
 
@@ -101,7 +101,7 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
         eagain = sp & (ae_s | reg)
     n_copy = 0 if is_copy is None else int(is_copy.sum())
 
-    def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64, cidx: I64, copy_pages: I64,
+    def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64 | Rows, cidx: I64 | Rows, copy_pages: I64,
                works: list[Work]) -> None:
         e = Entries(vals, normal, special, pfn, head, large, ae, anon, new_table)
         _commit(k, parent, child, src, dst, mode, e, pidx, cidx, starts, nr, is_copy, eagain,
@@ -126,7 +126,7 @@ class Entries:
 
 
 def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: Entries,
-            pidx: I64, cidx: I64, starts: I64 | None, nr: I64 | None, is_copy: B | None,
+            pidx: I64 | Rows, cidx: I64 | Rows, starts: I64 | None, nr: I64 | None, is_copy: B | None,
             eagain: B | None, batched_path: B | None, copy_pages: I64, works: list[Work]) -> None:
     """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries.
 
@@ -136,6 +136,18 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     a, ph = k.arch, k.phys
     m = len(e.vals)
     singles = starts is None
+    p_sel, c_sel = pidx, cidx  # Rows (whole tables) when the caller had them
+    cache: dict[str, I64] = {}
+
+    def P() -> I64:
+        if "p" not in cache:
+            cache["p"] = flat_index(p_sel)
+        return cache["p"]
+
+    def C() -> I64:
+        if "c" not in cache:
+            cache["c"] = flat_index(c_sel)
+        return cache["c"]
 
     def at(x: NDArray[Any]) -> NDArray[Any]:
         return x if starts is None else x[starts]
@@ -216,20 +228,20 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
             write = any_w
     if src.is_cow and write.any():
         if write.all():
-            a.wrprotect_ptes(parent, flat, pidx[d_start] if not full else pidx, d_nr, ops, di,
-                             expanded=pidx if full else (None if singles else pidx[ent]))
+            a.wrprotect_ptes(parent, flat, p_sel if full else P()[d_start], d_nr, ops, di,  # type: ignore[arg-type]
+                             expanded=p_sel if full else (None if singles else P()[ent]))
             pte = a.pte_wrprotect(pte)
         else:
             wi = np.flatnonzero(write)
-            a.wrprotect_ptes(parent, flat, pidx[d_start[wi]], d_nr[wi], ops, di[wi])
+            a.wrprotect_ptes(parent, flat, P()[d_start[wi]], d_nr[wi], ops, di[wi])
             pte[wi] = a.pte_wrprotect(pte[wi])
     if src.flags & VmFlag.SHARED:
         pte = a.pte_mkclean(pte)
     pte = a.pte_mkold(pte)
     if not dst.flags & VmFlag.UFFD_WP:
         pte = a.pte_clear_uffd_wp(pte)
-    a.set_ptes(child, flat, cidx if full else cidx[d_start], pte, d_nr, ops, di,
-               expanded=None if singles else (cidx[ent], ent_off))
+    a.set_ptes(child, flat, c_sel if full else C()[d_start], pte, d_nr, ops, di,
+               expanded=None if singles else (C()[ent], ent_off))
 
     # ---- pinned exclusive pages: copy_present_page into the preallocated pages
     if is_copy is not None and is_copy.any():
@@ -241,7 +253,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         cp = a.pte_mkdirty(a.pfn_pte(copy_pages, a.vm_get_page_prot(dst.prot)))
         if dst.flags & VmFlag.WRITE:
             cp = a.pte_mkwrite(cp)
-        flat[cidx[ce]] = cp
+        flat[C()[ce]] = cp
         child.rss[MM_ANONPAGES] += len(ci)
         ops.add("fork_page_copies", 1, ci)
         ops.add("page_copies", 1, ci)
@@ -295,6 +307,9 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     ops.add("cond_resched", 1, sec_start)
     ops.add("copy_pte_range", 1, sec_start)
     ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table)))
-    lock_ids = cidx[at(np.arange(m))[sec_start]] // k.arch.ptrs_per_table
+    if isinstance(c_sel, Rows) and full:  # one section per whole table
+        lock_ids = c_sel.rows
+    else:
+        lock_ids = C()[at(np.arange(m))[sec_start]] // k.arch.ptrs_per_table
     works.append(Work("copy_pte_range", ops, sections=sec_start, locks=("ptl", "ptl"),
                       lock_ids=lock_ids, checkpoints=cp_arg, cond_resched=True))

@@ -31,7 +31,7 @@ from mmuemu.mm.mm import MM_ANONPAGES, Kernel, Mm
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
 from mmuemu.mm.vma import AnonVma, Vma, VmFlag
 from mmuemu.mm.work import Ops, Work
-from mmuemu.runs import expand_runs
+from mmuemu.runs import Rows, expand_runs, flat_index
 
 __all__ = ["FORK_MODES", "dup_mmap"]
 
@@ -174,14 +174,13 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     is_split = np.zeros(len(va), bool)
     is_split[split] = True
 
-    def entries(chunk: I64, virtual: bool) -> tuple[I64, I64, NDArray[np.uint64], B, B | None]:
+    def entries(chunk: I64, virtual: bool) -> tuple[I64 | Rows, I64 | Rows, NDArray[np.uint64], B, B | None]:
         """Parent and child flat indices, parent values and table starts of a chunk; with
         ``virtual``, tables still to be split are read as the split would fill them."""
         c_cnt, c_prow, c_crow, c_first = cnt[chunk], prow[chunk], crow[chunk], first[chunk]
         if (c_cnt == n).all():  # whole tables: gather rows, not entries
-            ar = np.arange(n, dtype=np.int64)
-            pidx = (c_prow[:, None] * n + ar[None, :]).ravel()
-            cidx = (c_crow[:, None] * n + ar[None, :]).ravel()
+            pidx: I64 | Rows = Rows(c_prow, n)
+            cidx: I64 | Rows = Rows(c_crow, n)
             vals = pt.entries[c_prow].ravel()
         else:
             pidx, off = expand_runs(c_prow * n + c_first, c_cnt)
@@ -194,7 +193,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
             tab = np.repeat(chunk, c_cnt)
             sp = is_split[tab]
             base = a.pmd_to_pte(pmd[tab[sp]])
-            vals[sp] = a.pte_advance_pfn(base, pidx[sp] % n)
+            vals[sp] = a.pte_advance_pfn(base, flat_index(pidx)[sp] % n)
             ae_virtual = np.zeros(len(vals), bool)
             ae_virtual[sp] = ph.anon_exclusive[a.pte_pfn(base)]
         return pidx, cidx, vals, new_table, ae_virtual
