@@ -16,6 +16,7 @@ from attrs import frozen
 
 from mmuemu.machine import Machine
 from mmuemu.sim.costs import CostModel
+from mmuemu.workload import populated
 
 __all__ = ["XEON_4210R", "Row", "counts", "predict"]
 
@@ -62,12 +63,7 @@ def counts(row: Row, size: int = GiB) -> Counter[str]:
     order = (row.folio_kib // 4).bit_length() - 1
     m = Machine(arch="x86_64", memory=f"{size // MiB * 2 + 64}MiB", fork_mode=row.mode,
                 costs=CostModel("zero", "x86_64", {}))
-    p = m.spawn()
-    p.set_folio_orders([order])
-    a = p.mmap(size, align=2 * MiB)
-    p.populate(a, size)
-    if order == 9:
-        p.split_huge_pmd(a, size)  # the series measured PTE-mapped THP
+    p, a = populated(m, size, order)  # the series measured PTE-mapped THP
     with m.measure() as t:
         if row.op == "fork":
             p.fork()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import mmuemu
+from mmuemu.workload import populated
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -30,12 +31,7 @@ def _state(m: mmuemu.Machine, procs: list[mmuemu.Process], a: int, n: int) -> di
 
 def _forked(mode: str, order: int, size: int) -> tuple[mmuemu.Machine, mmuemu.Measurement, dict]:
     m = mmuemu.Machine(arch="x86_64", memory=f"{2 * size // MiB + 64}MiB", fork_mode=mode)
-    p = m.spawn()
-    p.set_folio_orders([order])
-    a = p.mmap(size, align=2 * MiB)
-    p.populate(a, size)
-    if order == 9:
-        p.split_huge_pmd(a, size)
+    p, a = populated(m, size, order)
     with m.measure() as t:
         c = p.fork()
     return m, t, _state(m, [p, c], a, size)

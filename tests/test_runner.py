@@ -6,19 +6,14 @@ import pytest
 
 import mmuemu
 from mmuemu.sim.costs import CostModel
+from mmuemu.workload import populated
 
 MiB = 1 << 20
 
 
 def _parent(mode: str, order: int, size: int = 8 * MiB) -> tuple[mmuemu.Machine, mmuemu.Process]:
     m = mmuemu.Machine(memory="128MiB", fork_mode=mode)
-    p = m.spawn()
-    p.set_folio_orders([order])
-    a = p.mmap(size, align=2 * MiB)
-    p.populate(a, size)
-    if order == 9:
-        p.split_huge_pmd(a, size)
-    return m, p
+    return m, populated(m, size, order)[0]
 
 
 def test_time_is_counts_times_costs() -> None:

@@ -5,19 +5,14 @@ from __future__ import annotations
 import pytest
 
 import mmuemu
+from mmuemu.workload import populated
 
 MiB = 1 << 20
 
 
 def _populated(mode: str, order: int, size: int = 64 * MiB) -> tuple[mmuemu.Machine, mmuemu.Process, int]:
     m = mmuemu.Machine(memory="256MiB", fork_mode=mode)
-    p = m.spawn()
-    p.set_folio_orders([order])
-    a = p.mmap(size, align=2 * MiB)
-    p.populate(a, size)
-    if order == 9:
-        p.split_huge_pmd(a, size)
-    return m, p, a
+    return (m, *populated(m, size, order))
 
 
 @pytest.mark.parametrize(("mode", "refs"), [("batched", 1024), ("legacy", 16384)])
