@@ -63,7 +63,7 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
         ign = a.pte_wrprotect(a.pte_mkold(vals))
         if src.flags & VmFlag.SHARED:
             ign = a.pte_mkclean(ign)
-        if not src.flags & VmFlag.SOFTDIRTY:
+        if src.flags & VmFlag.SOFTDIRTY:  # vma_soft_dirty_enabled() is false: ignore it
             ign = a.pte_clear_soft_dirty(ign)
         bits = a.pte_same_bits(ign)
         cont = np.zeros(m, bool)

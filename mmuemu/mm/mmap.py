@@ -117,7 +117,8 @@ def do_mmap(k: Kernel, mm: Mm, length: int, prot: str, *, addr: int | None = Non
         if mm.vmas.overlapping(addr, addr + length):
             raise InvalidArgument(f"mmap: [{addr:#x}, {addr + length:#x}) overlaps an existing mapping "
                                   f"(MAP_FIXED_NOREPLACE: EEXIST)")
-    flags |= VmFlag.MAYREAD | VmFlag.MAYWRITE | VmFlag.MAYEXEC
+    # new mappings start with VM_SOFTDIRTY set: soft-dirty tracking is off until clear_refs
+    flags |= VmFlag.MAYREAD | VmFlag.MAYWRITE | VmFlag.MAYEXEC | VmFlag.SOFTDIRTY
     pgoff = offset // PAGE
     if shared:
         flags |= VmFlag.SHARED | VmFlag.MAYSHARE
