@@ -51,12 +51,18 @@ class Rows:
     def put(self, store: NDArray[np.uint64], vals: NDArray[np.uint64]) -> None:
         store.reshape(-1, self.width)[self.rows] = vals.reshape(len(self.rows), self.width)
 
+    def at(self, pos: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Flat indices of the entries at these positions of the selection."""
+        return self.rows[pos // self.width] * self.width + pos % self.width
+
     def flat(self) -> NDArray[np.int64]:
         """The flat indices themselves."""
         return (self.rows[:, None] * self.width + np.arange(self.width, dtype=np.int64)[None, :]).ravel()
 
 
-def flat_index(sel: NDArray[np.int64] | Rows) -> NDArray[np.int64]:
-    """Flat indices of a selection given either way."""
-    return sel.flat() if isinstance(sel, Rows) else sel
+def flat_index(sel: NDArray[np.int64] | Rows, pos: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
+    """Flat indices of a selection given either way (of its entries at ``pos`` only)."""
+    if isinstance(sel, Rows):
+        return sel.flat() if pos is None else sel.at(pos)
+    return sel if pos is None else sel[pos]
 

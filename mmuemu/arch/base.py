@@ -200,7 +200,7 @@ class Arch:
         return np.ones(len(idx), dtype=np.int64)
 
     def set_ptes(self, mm: Any, store: U64, start: I64 | Rows, pte: U64, nr: I64, ops: Ops,
-                 items: Any = None, expanded: tuple[I64, I64] | None = None) -> None:
+                 items: Any = None, expanded: tuple[I64 | Rows, I64] | None = None) -> None:
         """Mirrors: include/linux/pgtable.h set_ptes: nr stores, advancing the PFN.
 
         Contract as the kernel's: for nr > 1 the targets are not present and map one folio.
@@ -214,7 +214,11 @@ class Arch:
             store[start] = pte
         else:
             flat, off = expanded if expanded is not None else expand_runs(start, nr)
-            store[flat] = self.pte_advance_pfn(np.repeat(pte, nr), off)
+            vals = self.pte_advance_pfn(np.repeat(pte, nr), off)
+            if isinstance(flat, Rows):
+                flat.put(store, vals)
+            else:
+                store[flat] = vals
         ops.add("pte_writes", nr, items)
 
     def wrprotect_ptes(self, mm: Any, store: U64, start: I64, nr: I64, ops: Ops,

@@ -162,28 +162,36 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     if is_copy is not None:
         dup &= ~is_copy
     di = np.flatnonzero(dup)
-    # "full": every entry is its own item and is duplicated: no gathers needed at all
-    full = singles and len(di) == m
-
-    def g(x: NDArray[Any], idx: NDArray[Any]) -> NDArray[Any]:
-        return x if full else x[idx]
-
     d_start = di if starts is None else starts[di]
     d_nr = np.ones(len(di), np.int64) if nr is None else nr[di]
+    # "dense": the items cover every entry, in order: per-entry arrays are used as they are
+    dense = int(d_nr.sum()) == m
     if singles:
         ent = d_start
+    elif dense:
+        ent = np.zeros(0, np.int64)  # not needed
+        ent_off = np.arange(m, dtype=np.int64) - np.repeat(d_start, d_nr)
     else:
         ent, ent_off = expand_runs(d_start, d_nr)
-    norm_ent = g(e.normal, ent)
+
+    def E(x: NDArray[Any]) -> NDArray[Any]:
+        return x if dense else x[ent]
+
+    norm_ent = E(e.normal)
     all_norm = bool(norm_ent.all())
-    full = full and all_norm
-    ent_n = ent if all_norm else ent[norm_ent]
-    pfn_n = g(e.pfn, ent_n)
+    dense = dense and all_norm
+    if not all_norm:
+        ent = (np.arange(m) if len(ent) == 0 else ent)
+        ent_n = ent[norm_ent]
+    else:
+        ent_n = ent
+    pfn_n = e.pfn if dense else e.pfn[ent_n]
+    offsets = np.cumsum(d_nr) - d_nr  # each item's first position among the duplicated entries
     # refcount: one folio_ref_add (or folio_get) per item; small folios are mapped once
-    ni = di if all_norm and singles else di[e.normal[d_start]]
+    ni = di if all_norm else di[e.normal[d_start]]
     ni_first = ni if starts is None else starts[ni]
-    h_items = g(e.head, ni_first)
-    lg = g(e.large, ni_first)
+    h_items = e.head if dense and singles else e.head[ni_first]
+    lg = e.large if dense and singles else e.large[ni_first]
     ni_nr = np.ones(len(ni), np.int64) if nr is None else nr[ni]
     if lg.any():
         ph.scatter_add(ph.refcount, h_items[lg], ni_nr[lg])
@@ -193,55 +201,59 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ph.refcount[h_items] += 1
     # mapcount: one atomic per page (v6.9)
     ph.mapcount[pfn_n] += 1
-    if full:
+    if dense and singles:
         ops.add_each("folio_ref_ops")
         ops.add_each("mapcount_ops")
     else:
         ops.add("folio_ref_ops", 1, ni)
         ops.add("mapcount_ops", ni_nr, ni)
     # AnonExclusive cleared on every page that had it
-    ae_n = g(e.ae, ent_n)
+    ae_n = e.ae if dense else e.ae[ent_n]
     if ae_n.any():
         ph.anon_exclusive[pfn_n[ae_n]] = False
         if singles:
             ops.add("anon_exclusive_clears", 1, ni[ae_n])
         else:
-            per = np.add.reduceat(e.ae[ent].astype(np.int64), np.cumsum(d_nr) - d_nr)
-            ops.add("anon_exclusive_clears", per, di)
+            ops.add("anon_exclusive_clears", np.add.reduceat(E(e.ae).astype(np.int64), offsets), di)
     # rss of the child
-    anon_n = g(e.anon, ent_n)
+    anon_n = e.anon if dense else e.anon[ent_n]
     n_anon = int(np.count_nonzero(anon_n))
     child.rss[MM_ANONPAGES] += n_anon
-    if n_anon < len(ent_n):
-        shm = (ph.flags[e.head[ent_n[~anon_n]]] & F_SWAPBACKED) != 0
+    if n_anon < len(pfn_n):
+        shm = (ph.flags[ph.head[pfn_n[~anon_n]]] & F_SWAPBACKED) != 0
         child.rss[MM_SHMEMPAGES] += int(shm.sum())
         child.rss[MM_FILEPAGES] += int((~shm).sum())
 
     # ---- __copy_present_ptes: parent wrprotect, child entries from the first pte
-    pte = e.vals.copy() if full else e.vals[d_start]
+    pte = e.vals.copy() if dense and singles else e.vals[d_start]
     write = a.pte_write(pte)
-    if not singles and len(ent):
-        any_w = np.logical_or.reduceat(a.pte_write(e.vals[ent]), np.cumsum(d_nr) - d_nr)
+    if not singles and len(di):
+        any_w = np.logical_or.reduceat(a.pte_write(E(e.vals)), offsets)
         mk = any_w & ~write
         if mk.any():
             pte[mk] = a.pte_mkwrite(pte[mk])
             write = any_w
+    whole = dense and isinstance(p_sel, Rows)  # the runs are whole tables, in order
     if src.is_cow and write.any():
         if write.all():
-            a.wrprotect_ptes(parent, flat, p_sel if full else P()[d_start], d_nr, ops, di,  # type: ignore[arg-type]
-                             expanded=p_sel if full else (None if singles else P()[ent]))
+            a.wrprotect_ptes(parent, flat, flat_index(p_sel, d_start), d_nr, ops, di,
+                             expanded=p_sel if whole else (None if singles else P()[ent] if len(ent) else P()))
             pte = a.pte_wrprotect(pte)
         else:
             wi = np.flatnonzero(write)
-            a.wrprotect_ptes(parent, flat, P()[d_start[wi]], d_nr[wi], ops, di[wi])
+            a.wrprotect_ptes(parent, flat, flat_index(p_sel, d_start[wi]), d_nr[wi], ops, di[wi])
             pte[wi] = a.pte_wrprotect(pte[wi])
     if src.flags & VmFlag.SHARED:
         pte = a.pte_mkclean(pte)
     pte = a.pte_mkold(pte)
     if not dst.flags & VmFlag.UFFD_WP:
         pte = a.pte_clear_uffd_wp(pte)
-    a.set_ptes(child, flat, c_sel if full else C()[d_start], pte, d_nr, ops, di,
-               expanded=None if singles else (C()[ent], ent_off))
+    if singles:
+        a.set_ptes(child, flat, c_sel if whole else flat_index(c_sel, d_start), pte, d_nr, ops, di)
+    else:
+        c_ent = c_sel if whole else (C()[ent] if len(ent) else C())
+        a.set_ptes(child, flat, flat_index(c_sel, d_start), pte, d_nr, ops, di,
+                   expanded=(c_ent, ent_off))
 
     # ---- pinned exclusive pages: copy_present_page into the preallocated pages
     if is_copy is not None and is_copy.any():
@@ -307,7 +319,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     ops.add("cond_resched", 1, sec_start)
     ops.add("copy_pte_range", 1, sec_start)
     ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table)))
-    if isinstance(c_sel, Rows) and full:  # one section per whole table
+    if isinstance(c_sel, Rows) and dense and singles:  # one section per whole table
         lock_ids = c_sel.rows
     else:
         lock_ids = C()[at(np.arange(m))[sec_start]] // k.arch.ptrs_per_table
