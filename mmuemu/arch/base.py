@@ -169,6 +169,17 @@ class Arch:
         """The entry with its PFN removed, for comparing two entries' attributes."""
         raise NotImplementedError
 
+    def pte_batch_bits(self, pte: U64, ignore_dirty: bool, ignore_soft_dirty: bool) -> U64:
+        """Mirrors: mm/internal.h __pte_batch_clear_ignored (v6.9), with the PFN removed:
+        two entries can share a batch iff these are equal (and their PFNs are consecutive).
+        Accessed and write are always ignored; dirty and soft-dirty per flag."""
+        pte = self.pte_wrprotect(self.pte_mkold(pte))
+        if ignore_dirty:
+            pte = self.pte_mkclean(pte)
+        if ignore_soft_dirty:
+            pte = self.pte_clear_soft_dirty(pte)
+        return self.pte_same_bits(pte)
+
     # table entries and PMD leaves
     def mk_table(self, pfn: I64) -> U64:
         """An upper-level entry pointing at the table page ``pfn``."""

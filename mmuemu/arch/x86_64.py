@@ -181,6 +181,15 @@ class X86_64(Arch):
     def pte_same_bits(self, pte: U64) -> U64:
         return pte & ~PFN_MASK
 
+    def pte_batch_bits(self, pte: U64, ignore_dirty: bool, ignore_soft_dirty: bool) -> U64:
+        """The generic normalisation, as masks: wrprotect folds Dirty into SavedDirty, so the
+        dirty state compares as one bit."""
+        drop = PFN_MASK | RW | ACCESSED | DIRTY | SAVED_DIRTY | (SOFT_DIRTY if ignore_soft_dirty else ZERO)
+        key = pte & ~drop
+        if not ignore_dirty:
+            key |= (((pte >> np.uint64(6)) | (pte >> np.uint64(58))) & np.uint64(1)) << np.uint64(58)
+        return key
+
     def mk_table(self, pfn: I64) -> U64:
         return (np.asarray(pfn, dtype=np.uint64) << np.uint64(12)) | PAGE_TABLE
 

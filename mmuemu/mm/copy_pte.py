@@ -60,12 +60,10 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
     # ---- folio_pte_batch: which entries continue the batch of the previous one
     region = None  # entries that go alone because their batch would fail (-EAGAIN)
     if mode == "batched" and large.any():
-        ign = a.pte_wrprotect(a.pte_mkold(vals))
-        if src.flags & VmFlag.SHARED:
-            ign = a.pte_mkclean(ign)
-        if src.flags & VmFlag.SOFTDIRTY:  # vma_soft_dirty_enabled() is false: ignore it
-            ign = a.pte_clear_soft_dirty(ign)
-        bits = a.pte_same_bits(ign)
+        # FPB_IGNORE_DIRTY for shared mappings; FPB_IGNORE_SOFT_DIRTY when
+        # vma_soft_dirty_enabled() is false (VM_SOFTDIRTY set)
+        bits = a.pte_batch_bits(vals, ignore_dirty=bool(src.flags & VmFlag.SHARED),
+                                ignore_soft_dirty=bool(src.flags & VmFlag.SOFTDIRTY))
         cont = np.zeros(m, bool)
         cont[1:] = (large[1:] & normal[1:] & (head[1:] == head[:-1]) & (pfn[1:] == pfn[:-1] + 1)
                     & (bits[1:] == bits[:-1]))
@@ -322,6 +320,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     if isinstance(c_sel, Rows) and dense and singles:  # one section per whole table
         lock_ids = c_sel.rows
     else:
-        lock_ids = C()[at(np.arange(m))[sec_start]] // k.arch.ptrs_per_table
+        first_entry = sec_start if starts is None else starts[sec_start]
+        lock_ids = flat_index(c_sel, first_entry) // k.arch.ptrs_per_table
     works.append(Work("copy_pte_range", ops, sections=sec_start, locks=("ptl", "ptl"),
                       lock_ids=lock_ids, checkpoints=cp_arg, cond_resched=True))
