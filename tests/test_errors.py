@@ -88,3 +88,31 @@ def test_released_twice(proc) -> None:
     with pytest.raises(mmuemu.InvalidArgument, match="twice"):
         ref.release()
     m.check()
+
+
+def test_mprotect_keeps_exclusive_thp_writable(m: mmuemu.Machine) -> None:
+    """change_huge_pmd: an exclusive anon THP stays writable across rw -> rwx."""
+    p = m.spawn()
+    p.set_folio_orders([9])
+    a = p.mmap(2 * MiB, align=2 * MiB)
+    p.populate(a, 2 * MiB)
+    assert p.pte(a).pmd and p.pte(a).write
+    p.mprotect(a, 2 * MiB, "rwx")
+    assert p.pte(a).write
+    with m.measure() as t:
+        p.write(a, 1)
+    assert t.counts["page_faults"] == 0
+    m.check()
+
+
+def test_mprotect_same_flags_is_a_no_op(m: mmuemu.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(MiB)
+    p.populate(a, MiB)
+    with m.measure() as t:
+        p.mprotect(a, MiB, "rw")
+    assert sum(t.counts.values()) == 0
+    with m.measure() as t:
+        p.mprotect(a + MiB // 2, MiB // 2, "r")
+    assert t.counts["pte_clears"] == 128
+    m.check()

@@ -157,6 +157,11 @@ class Arch:
     def pte_clear_soft_dirty(self, pte: U64) -> U64:
         raise NotImplementedError
 
+    def pte_hw_access(self, pte: U64, write: bool) -> U64:
+        """What the MMU does to an entry it uses: set Accessed, and Dirty on a write."""
+        pte = self.pte_mkyoung(pte)
+        return self.pte_mkdirty(pte) if write else pte
+
     def pte_modify(self, pte: U64, prot: int) -> U64:
         """Mirrors: pte_modify: keep the PFN and the page's own bits, take the new protection."""
         raise NotImplementedError

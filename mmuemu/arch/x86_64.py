@@ -139,6 +139,10 @@ class X86_64(Arch):
         """Mirrors: pte_mkdirty: Dirty and SoftDirty, kept as SavedDirty on Write=0 entries."""
         return self._mksaveddirty(pte | DIRTY | SOFT_DIRTY)
 
+    def pte_hw_access(self, pte: U64, write: bool) -> U64:
+        """The page walker sets A, and D on a store through a writable entry (no soft-dirty)."""
+        return pte | (ACCESSED | DIRTY if write else ACCESSED)
+
     def pte_mkold(self, pte: U64) -> U64:
         return pte & ~ACCESSED
 

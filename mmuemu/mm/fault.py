@@ -89,16 +89,21 @@ def _parents(k: Kernel, rows: list[int]) -> list[tuple[int, int]]:
 
 
 def fault_range(k: Kernel, mm: Mm, start: int, end: int, *, write: bool,
-                unshare: bool = False) -> Generator[Work, Any, None]:
-    """Touch every page of [start, end) for reading or writing (``unshare``: the
-    FAULT_FLAG_UNSHARE of a R/O longterm pin)."""
+                unshare: str | None = None, touch: bool = True) -> Generator[Work, Any, None]:
+    """Fault in every page of [start, end) for reading or writing, as a CPU touching each
+    page in order would (``touch``: also set the hardware Accessed/Dirty bits of entries that
+    need no fault; GUP does not).  ``unshare`` is the FAULT_FLAG_UNSHARE of a R/O pin:
+    ``"pin"`` unshares anon pages not known to be exclusive, ``"longterm"`` (FOLL_LONGTERM)
+    also replaces the zero page and page-cache pages of private mappings by anon copies
+    (mm/gup.c gup_must_unshare)."""
     vmas = check_access(mm, start, end, write)
     ops = Ops()
     undo = Undo(k)
     plans = []
     try:
         for v in vmas:
-            plans.append(_plan_vma(k, mm, v, max(start, v.start), min(end, v.end), write, unshare, ops, undo))
+            plans.append(_plan_vma(k, mm, v, max(start, v.start), min(end, v.end), write, unshare,
+                                   touch, ops, undo))
     except OutOfMemory:
         undo.rollback()
         raise
@@ -121,7 +126,8 @@ def _pte_index(k: Kernel, rows: I64, va: I64, start: int, end: int) -> tuple[I64
     return idx, addrs
 
 
-def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare: bool,
+def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare: str | None,
+              touch: bool,
               ops: Ops, undo: Undo) -> Any:
     """Allocate what faulting [s, e) of ``vma`` needs; return the step that maps it."""
     a, ph, pt = k.arch, k.phys, k.pt
@@ -221,10 +227,11 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
     if (write or unshare) and present.any():
         if write:
             wp = present & ~a.pte_write(vals)
-        else:  # unshare: anon pages not known exclusive, and the shared zero page
+        else:  # unshare: anon pages not known exclusive (and more for FOLL_LONGTERM)
             wp = is_anon & ~ph.anon_exclusive[np.where(normal, pfn, 0)]
-            if not vma.flags & VmFlag.SHARED:
-                wp |= present & a.pte_special(vals) & (pfn == ZERO_PFN)
+            if unshare == "longterm" and vma.is_cow:  # the zero page, private file pages
+                zero = a.pte_special(vals) & (pfn == ZERO_PFN)
+                wp |= present & ~is_anon & (normal | zero)
     if vma.flags & VmFlag.SHARED:
         reuse = wp  # wp_page_shared: the page itself becomes writable
     else:
@@ -262,14 +269,16 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
             ops.add("page_faults", len(lf))
             ops.add("cow_reuses", len(lf))
         cur = flat[idx]
-        # hardware A/D on entries that do not fault
-        touch = present & ~wp
-        if touch.any():
-            t = cur[touch]
-            t = a.pte_mkyoung(t)
-            if write:
-                t = a.pte_mkdirty(t)
-            flat[idx[touch]] = t
+        # the hardware sets Accessed (and Dirty) on entries it uses without a fault
+        touched = present & ~wp if touch else np.zeros(len(cur), bool)
+        if touched.any():
+            flat[idx[touched]] = a.pte_hw_access(cur[touched], write)
+        if touch and leaf.any():
+            lf = pmd_flat[leaf]
+            lv = flat[lf]
+            ok = a.pmd_leaf(lv) & (a.pte_write(a.pmd_to_pte(lv)) | (not write))
+            if ok.any():
+                flat[lf[ok]] = a.pte_to_pmd(a.pte_hw_access(a.pmd_to_pte(lv[ok]), write))
         if zero_pages.any():
             z = a.pte_mkspecial(a.pfn_pte(np.full(int(zero_pages.sum()), ZERO_PFN), prot))
             flat[idx[zero_pages]] = z
@@ -278,7 +287,7 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
         for order, fheads, first in new_folios:
             _map_new_anon(k, mm, vma, fheads, order, first, prot, ops)
         if reuse.any():
-            wp_reuse(k, mm, vma, idx[reuse], cur[reuse], pfn[reuse], unshare and not write, ops)
+            wp_reuse(k, mm, vma, idx[reuse], cur[reuse], pfn[reuse], unshare is not None and not write, ops)
         if cow_targets.any():
             src = np.where(copy, pfn, 0)
             ci = np.flatnonzero(cow_targets)

@@ -1,8 +1,9 @@
 """get_user_pages: FOLL_GET references and FOLL_PIN pins, with the unshare rules.
 
 Mirrors: mm/gup.c __get_user_pages / follow_page_mask / try_grab_folio and
-gup_must_unshare: a R/O FOLL_LONGTERM pin of an anon page that is not known to be exclusive
-first unshares it (FAULT_FLAG_UNSHARE), so the pin sees the process's later writes.
+gup_must_unshare: a R/O pin of an anon page that is not known to be exclusive first unshares
+it (FAULT_FLAG_UNSHARE), so the pin sees the process's later writes; a FOLL_LONGTERM one also
+replaces the shared zero page and page-cache pages of private mappings by anon copies.
 """
 
 from __future__ import annotations
@@ -109,12 +110,11 @@ def gup(k: Kernel, mm: Mm, start: int, length: int, *, pin: bool, write: bool,
     if start % 4096 or length <= 0:
         raise InvalidArgument(f"gup: range ({start:#x}, {length}) must be page aligned and non-empty")
     end = start + ((length + 4095) & ~4095)
-    if write:
-        yield from fault_range(k, mm, start, end, write=True)
-    else:
-        yield from fault_range(k, mm, start, end, write=False)
-        if pin and longterm:
-            yield from fault_range(k, mm, start, end, write=False, unshare=True)
+    # faultin_page where follow_page_mask fails; FOLL_TOUCH marks the folio, not the PTE
+    yield from fault_range(k, mm, start, end, write=write, touch=False)
+    if pin and not write:  # gup_must_unshare: a R/O pin must not see a page COW may replace
+        yield from fault_range(k, mm, start, end, write=False, touch=False,
+                               unshare="longterm" if longterm else "pin")
     pfns, _, _ = follow_range(k, mm, start, end)
     h = GupHandle(k, pfns, pin, longterm, write)
     heads, ref, pins = h.refs()

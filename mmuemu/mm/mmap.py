@@ -159,17 +159,28 @@ def do_mprotect(k: Kernel, mm: Mm, start: int, length: int, prot: str) -> Genera
             raise InvalidArgument(f"mprotect: {prot!r} on [{v.start:#x}, {v.end:#x}) needs write "
                                   f"access to the file (EACCES)")
     ops = Ops()
+    if all((v.flags & PROT_BITS) == newprot for v in vmas):
+        yield Work("change_protection", ops)  # mprotect_fixup: nothing to change
+        return
     split_huge_pmds_in(k, mm, start, end, ops)
+    lo, hi = end, start  # the span of entries actually changed, for the TLB flush
     for v in split_vmas(k, mm, start, end, ops):
+        if (v.flags & PROT_BITS) == newprot:
+            continue
         v.flags = (v.flags & ~PROT_BITS) | newprot
-        _change_protection(k, mm, v, ops)
-    k.arch.flush_tlb_range(mm, start, end, ops, k.cpu)
+        span = _change_protection(k, mm, v, ops)
+        if span is not None:
+            lo, hi = min(lo, span[0]), max(hi, span[1])
+    if hi > lo:
+        k.arch.flush_tlb_range(mm, lo, hi, ops, k.cpu)
     mm.vmas.merge(start, end)
     yield Work("change_protection", ops)
 
 
-def _change_protection(k: Kernel, mm: Mm, v: Vma, ops: Ops) -> None:
-    """Mirrors: change_pte_range / change_huge_pmd with MM_CP_TRY_CHANGE_WRITABLE."""
+def _change_protection(k: Kernel, mm: Mm, v: Vma, ops: Ops) -> tuple[int, int] | None:
+    """Mirrors: change_pte_range / change_huge_pmd with MM_CP_TRY_CHANGE_WRITABLE.
+
+    Returns the address span of the entries it changed (None: none)."""
     a, pt, ph = k.arch, k.pt, k.phys
     n = a.ptrs_per_table
     prot = a.vm_get_page_prot(v.prot)
@@ -177,26 +188,31 @@ def _change_protection(k: Kernel, mm: Mm, v: Vma, ops: Ops) -> None:
     pmd = pt.flat[slots.flat]
     leaf = a.pmd_leaf(pmd)
     want_write = bool(v.flags & VmFlag.WRITE)
+    span: list[int] = []
     if leaf.any():
         lf = slots.flat[leaf]
         pte = a.pmd_to_pte(pmd[leaf])
         new = a.pte_modify(pte, prot)
         h = a.pte_pfn(pte)
-        if want_write and not v.flags & VmFlag.SHARED:
-            new = np.where(ph.anon_exclusive[h] & ~a.pte_write(pte), a.pte_mkwrite(new), new)
+        if want_write and not v.flags & VmFlag.SHARED:  # can_change_pmd_writable
+            new = np.where(ph.anon_exclusive[h] & ~a.pte_write(new), a.pte_mkwrite(new), new)
         pt.flat[lf] = a.pte_to_pmd(new)
         ops.add("pmd_writes", len(lf))
+        span += [int(slots.va[leaf][0]), int(slots.va[leaf][-1]) + (n << 12)]
     tabs = (pmd != 0) & ~leaf
     va = slots.va[tabs]
     rows = pt.rows_of(pmd[tabs])
     lo = np.maximum(va, v.start)
     hi = np.minimum(va + (n << 12), v.end)
-    idx, _ = expand_runs(rows * n + ((lo - va) >> 12), (hi - lo) >> 12)
+    idx, off = expand_runs(rows * n + ((lo - va) >> 12), (hi - lo) >> 12)
     vals = pt.flat[idx]
+    addr = np.repeat(lo, (hi - lo) >> 12) + (off << 12)
     live = a.pte_present(vals)
-    idx, vals = idx[live], vals[live]
+    idx, vals, addr = idx[live], vals[live], addr[live]
+    if len(addr):
+        span += [int(addr[0]), int(addr[-1]) + 4096]
     if not len(idx):
-        return
+        return (min(span), max(span)) if span else None
     writable = np.zeros(len(idx), bool)
     if want_write:
         if v.flags & VmFlag.SHARED:
@@ -208,6 +224,7 @@ def _change_protection(k: Kernel, mm: Mm, v: Vma, ops: Ops) -> None:
             writable = normal & anon & ph.anon_exclusive[pfn]
         writable &= a.pte_present(a.pte_modify(vals, prot))
     a.modify_prot_ptes(mm, pt.flat, idx, prot, writable, ops)
+    return min(span), max(span)
 
 
 def do_madvise(k: Kernel, mm: Mm, start: int, length: int, advice: str) -> Generator[Work, Any, None]:
