@@ -198,8 +198,11 @@ def _one(work: Work):  # type: ignore[no-untyped-def]
 
 def _exit_mmap(k, mm: Mm):  # type: ignore[no-untyped-def]
     """Mirrors: mm/mmap.c exit_mmap: unmap everything, free every table, drop the mm."""
-    for v in mm.vmas:
-        yield from zap.zap_range(k, mm, v.start, v.end, full=True)
+    for v in mm.vmas:  # one mmu_gather over every VMA: one flush at the end
+        yield from zap.zap_range(k, mm, v.start, v.end, full=True, flush=False)
+    ops = Ops()
+    k.arch.flush_tlb_mm(mm, ops, k.cpu)
+    yield Work("exit_mmap", ops)
     k.pt.free_tree(mm.pgd_row)
     mm.vmas.vmas.clear()
     mm.dead = True

@@ -270,6 +270,8 @@ class Arch:
         old = store[flat]
         store[flat] = 0
         ops.add("pte_clears", nr, items)
+        if not full:  # ptep_get_and_clear: an atomic exchange (full: the mm is dying)
+            ops.add("pte_atomics", nr, items)
         return self._gather_young_dirty(old, off, nr)
 
     def clear_full_ptes(self, mm: Any, store: U64, start: I64, nr: I64, full: bool, ops: Ops,
@@ -321,13 +323,15 @@ class Arch:
         """Mirrors: flush_tlb_mm (backends override)."""
         ops.add("tlb_flush_mm", 1)
 
-    def flush_tlb_range(self, mm: Any, start: int, end: int, ops: Ops, cpu: int = 0) -> None:
-        """Mirrors: flush_tlb_range (backends override)."""
+    def flush_tlb_range(self, mm: Any, start: int, end: int, ops: Ops, cpu: int = 0,
+                        stride_shift: int | None = None) -> None:
+        """Mirrors: flush_tlb_range (backends override); ``stride_shift`` is the page size
+        of the entries flushed (PMD_SHIFT when only PMD leaves were cleared)."""
         ops.add("tlb_flush_range", 1)
 
     def flush_tlb_page(self, mm: Any, addr: int, ops: Ops, cpu: int = 0) -> None:
         """Mirrors: flush_tlb_page."""
-        self.flush_tlb_range(mm, addr, addr + self.page_size, ops, cpu)
+        self.flush_tlb_range(mm, addr, addr + self.page_size, ops, cpu)  # a single page
 
     # ---------------------------------------------------------------- decoding for humans
     def describe(self, pte: int) -> dict[str, Any]:

@@ -217,18 +217,19 @@ class X86_64(Arch):
         others = len(mm.cpumask - {cpu})
         if others:
             ops.add("ipis", others)
-        if cpu in mm.cpumask:
-            ops.add("tlb_local_flushes", 1)
 
-    def flush_tlb_range(self, mm: Any, start: int, end: int, ops: Ops, cpu: int = 0) -> None:
-        """Mirrors: flush_tlb_mm_range: INVLPG per page up to the 33-page ceiling, else all."""
-        pages = (end - start) >> self.page_shift
-        if pages > self.flush_ceiling:
-            self.flush_tlb_mm(mm, ops, cpu)
-            return
+    def flush_tlb_range(self, mm: Any, start: int, end: int, ops: Ops, cpu: int = 0,
+                        stride_shift: int | None = None) -> None:
+        """Mirrors: flush_tlb_mm_range (freed_tables=false): one INVLPG per stride up to the
+        33-entry ceiling, else a full flush of the mm's ASID, locally and by IPI on every
+        other CPU in mm_cpumask."""
+        pages = (end - start) >> (stride_shift or self.page_shift)
         ops.add("tlb_flush_range", 1)
         others = len(mm.cpumask - {cpu})
         if others:
             ops.add("ipis", others)
         if cpu in mm.cpumask:
-            ops.add("tlbi_ops", pages)
+            if pages > self.flush_ceiling:
+                ops.add("tlb_local_flushes", 1)
+            else:
+                ops.add("tlbi_ops", pages)

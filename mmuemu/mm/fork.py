@@ -215,7 +215,9 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
 
     def commit() -> None:
         if len(split):
-            split_huge_pmds(k, parent, pflat[split], Ops())
+            split_ops = Ops()
+            split_huge_pmds(k, parent, pflat[split], split_ops)
+            copy.works.append(Work("split_huge_pmd", split_ops))
         if len(thp):
             _copy_huge_pmds(k, child, dst, pflat[thp], cflat_all[thp], copy.deposit_rows, copy.works)
         done = 0

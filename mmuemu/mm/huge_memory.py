@@ -49,6 +49,8 @@ def split_huge_pmds(k: Kernel, mm: Mm, pmd_flat: I64, ops: Ops) -> None:
         ph.anon_exclusive[(heads[excl][:, None] + offs[None, :]).ravel()] = True
     ops.add("thp_splits", len(rows))
     ops.add("pte_writes", len(rows) * n)
+    ops.add("folio_ref_ops", len(rows))  # folio_ref_add(folio, HPAGE_PMD_NR - 1)
+    ops.add("mapcount_ops", len(rows) * (n + 1))  # every page's, and the entire mapcount
 
 
 def split_huge_pmds_in(k: Kernel, mm: Mm, start: int, end: int, ops: Ops, partial_only: bool = True) -> None:

@@ -322,18 +322,24 @@ def _move_vma(k: Kernel, mm: Mm, old: int, length: int, new: int) -> Generator[W
     vals = pt.flat[sidx]
     live = vals != 0
     sidx, saddr, vals = sidx[live], saddr[live], vals[live]
-    # destination tables (allocated before anything moves)
-    dva, dflat = populate_tables(k, mm, new, new + length)
-    drows = pt.pte_alloc(dflat)
-    daddr = saddr - old + new
-    slot = (daddr - dva[0]) >> a.pmd_shift
-    didx = drows[slot] * n + ((daddr >> 12) & (n - 1))
-    flat = pt.flat
-    flat[sidx] = 0
-    flat[didx] = vals
-    ops.add("pte_clears", len(sidx))
-    ops.add("pte_writes", len(didx))
-    a.flush_tlb_range(mm, old, old + length, ops, k.cpu)
+    if len(sidx):
+        # destination tables where entries land (allocated before anything moves)
+        daddr = saddr - old + new
+        dva, dflat = populate_tables(k, mm, int(daddr[0]), int(daddr[-1]) + 4096)
+        slot = (daddr - dva[0]) >> a.pmd_shift
+        need = np.unique(slot)
+        drows = np.full(len(dva), -1, np.int64)
+        drows[need] = pt.pte_alloc(dflat[need])
+        didx = drows[slot] * n + ((daddr >> 12) & (n - 1))
+        flat = pt.flat
+        flat[sidx] = 0  # ptep_get_and_clear
+        # move_soft_dirty_pte: a moved entry is soft-dirty
+        vals = np.where(a.pte_present(vals), a.pte_mksoft_dirty(vals), vals)
+        flat[didx] = vals
+        ops.add("pte_clears", len(sidx))
+        ops.add("pte_atomics", len(sidx))
+        ops.add("pte_writes", len(didx))
+        a.flush_tlb_range(mm, int(saddr[0]), int(saddr[-1]) + 4096, ops, k.cpu)
     mm.vmas.remove(src)
     mm.vmas.insert(dst)
     k.pt.free_unused(mm.pgd_row, old, old + length, mm.vmas.in_use)

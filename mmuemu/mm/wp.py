@@ -10,7 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
-from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
+from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED, ZERO_PFN
 from mmuemu.mm.vma import AnonVma, Vma, VmFlag
 from mmuemu.mm.work import Ops
 
@@ -74,11 +74,14 @@ def wp_copy(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], src:
         mm.rss[MM_FILEPAGES] -= int((~anon & ~shm).sum())
         ops.add("folios_freed", len(ph.ref_sub_and_free(oh, 1)))
         ops.add("mapcount_ops", len(op))
-        ops.add("folio_ref_ops", len(op))
+        # folio_get in do_wp_page, then the put of that reference and of the mapping's
+        ops.add("folio_ref_ops", 3 * len(op))
     k.pt.flat[idx] = pte
     anon_vma_prepare(vma)
     mm.rss[MM_ANONPAGES] += len(new)
     ops.add("page_faults", len(idx))
     ops.add("cow_copies", len(idx))
-    ops.add("page_copies", len(idx))
+    zeroed = int(np.count_nonzero(src == ZERO_PFN))  # wp_page_copy zero-fills, not copies
+    ops.add("page_zeroes", zeroed)
+    ops.add("page_copies", len(idx) - zeroed)
     ops.add("pte_writes", len(idx))

@@ -25,8 +25,13 @@ I64 = NDArray[np.int64]
 
 
 def zap_range(k: Kernel, mm: Mm, start: int, end: int, *, mode: str | None = None,
-              full: bool = False) -> Generator[Work, Any, None]:
-    """Mirrors: unmap_page_range + tlb_finish_mmu over [start, end) of ``mm``."""
+              full: bool = False, flush: bool = True) -> Generator[Work, Any, None]:
+    """Mirrors: unmap_page_range + tlb_finish_mmu over [start, end) of ``mm``.
+
+    The TLB flush covers only what was cleared (the mmu_gather's range, with a PMD stride
+    when only PMD leaves were), and nothing when nothing was; ``flush=False`` leaves it to
+    the caller (exit_mmap gathers every VMA and flushes once).
+    """
     mode = mode or k.fork_mode
     a, pt, ph = k.arch, k.pt, k.phys
     n = a.ptrs_per_table
@@ -37,7 +42,10 @@ def zap_range(k: Kernel, mm: Mm, start: int, end: int, *, mode: str | None = Non
     leaf = a.pmd_leaf(pmd)
     drop_heads: list[I64] = []
     drop_nr: list[I64] = []
+    span: list[int] = []
+    pmd_only = True
     if leaf.any():
+        span += [int(slots.va[leaf][0]), int(slots.va[leaf][-1]) + (n << 12)]
         h = zap_huge_pmds(k, mm, slots.flat[leaf], ops)
         drop_heads.append(h)
         drop_nr.append(np.ones(len(h), np.int64))
@@ -48,18 +56,24 @@ def zap_range(k: Kernel, mm: Mm, start: int, end: int, *, mode: str | None = Non
     lo = np.maximum(va, start)
     hi = np.minimum(va + (n << 12), end)
     first = (lo - va) >> 12
-    idx, _ = expand_runs(rows * n + first, (hi - lo) >> 12)
+    idx, off = expand_runs(rows * n + first, (hi - lo) >> 12)
     vals = pt.flat[idx]
     live = np.flatnonzero(vals != 0)
     work = Work("zap_pte_range", ops)
     if len(live):
+        cnt = (hi - lo) >> 12
+        addr = (np.repeat(lo, cnt) + (off << 12))[live]
+        span += [int(addr[0]), int(addr[-1]) + 4096]
+        pmd_only = False
         idx, vals = idx[live], vals[live]
         work = _zap_ptes(k, mm, idx, vals, mode, full, ops, drop_heads, drop_nr)
         ops = work.ops
-    if full:
-        a.flush_tlb_mm(mm, ops, k.cpu)
-    else:
-        a.flush_tlb_range(mm, start, end, ops, k.cpu)
+    if flush and span:
+        if full:
+            a.flush_tlb_mm(mm, ops, k.cpu)
+        else:
+            a.flush_tlb_range(mm, min(span), max(span), ops, k.cpu,
+                              stride_shift=a.pmd_shift if pmd_only else a.page_shift)
     if drop_heads:
         heads = np.concatenate(drop_heads)
         nrs = np.concatenate(drop_nr)
