@@ -207,3 +207,18 @@ def test_fork_ipis_per_other_cpu(m: mmuemu.Machine, cpus: tuple[int, ...]) -> No
     assert t.counts["ipis"] == len(cpus)
     with pytest.raises(mmuemu.InvalidArgument, match="do not exist"):
         p.run_on(4)
+
+
+def test_shared_file_write_notify(m: mmuemu.Machine) -> None:
+    """A shared writable mapping of a regular file maps pages read-only until written."""
+    f = m.file("data", 4 * 4096)
+    p = m.spawn()
+    a = p.mmap(4 * 4096, "rw", shared=True, file=f)
+    assert p.read(a) == 0 and not p.pte(a).write
+    with m.measure() as t:
+        p.write(a, 5)
+    assert t.counts["page_faults"] == 1 and p.pte(a).write and p.pte(a).dirty
+    shm = p.mmap(4096, "rw", shared=True)  # shmem: no write-notify
+    p.read(shm)
+    assert p.pte(shm).write
+    m.check()

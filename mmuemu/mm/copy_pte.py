@@ -260,7 +260,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ph.token[copy_pages] = ph.token[e.pfn[ce]]
         ph.mapcount[copy_pages] = 1
         ph.anon_exclusive[copy_pages] = True
-        cp = a.pte_mkdirty(a.pfn_pte(copy_pages, a.vm_get_page_prot(dst.prot)))
+        cp = a.pte_mkdirty(a.pfn_pte(copy_pages, dst.page_prot(a)))
         if dst.flags & VmFlag.WRITE:
             cp = a.pte_mkwrite(cp)
         flat[C()[ce]] = cp

@@ -134,7 +134,7 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
     n = a.ptrs_per_table
     pmd_size = PAGE * n
     anon_private = vma.is_anonymous and not vma.flags & VmFlag.SHARED
-    prot = a.vm_get_page_prot(vma.prot)
+    prot = vma.page_prot(a)
     orders = _orders(mm, vma)
     va, pmd_flat = populate_tables(k, mm, s, e, undo)
     pmd = pt.flat[pmd_flat]

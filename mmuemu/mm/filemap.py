@@ -13,7 +13,7 @@ from mmuemu.errors import SegmentationFault
 from mmuemu.mm.mm import MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
 from mmuemu.mm.physmem import F_SWAPBACKED
 from mmuemu.mm.undo import Undo, alloc_folios
-from mmuemu.mm.vma import Vma
+from mmuemu.mm.vma import Vma, VmFlag
 from mmuemu.mm.work import Ops
 
 __all__ = ["map_file", "pagecache"]
@@ -43,8 +43,10 @@ def map_file(k: Kernel, mm: Mm, vma: Vma, idx: I64, pfns: I64, prot: int, write:
     """Mirrors: finish_fault / set_pte_range for file pages (read, or shared write)."""
     a, ph = k.arch, k.phys
     pte = a.pfn_pte(pfns, prot)
-    if write:
+    if write:  # maybe_mkwrite(pte_mkdirty(entry)): a shared write fault maps it writable
         pte = a.pte_mkdirty(pte)
+        if vma.flags & VmFlag.WRITE:
+            pte = a.pte_mkwrite(pte)
     k.pt.flat[idx] = pte
     np.add.at(ph.mapcount, pfns, 1)
     np.add.at(ph.refcount, pfns, 1)

@@ -183,7 +183,7 @@ def _change_protection(k: Kernel, mm: Mm, v: Vma, ops: Ops) -> tuple[int, int] |
     Returns the address span of the entries it changed (None: none)."""
     a, pt, ph = k.arch, k.pt, k.phys
     n = a.ptrs_per_table
-    prot = a.vm_get_page_prot(v.prot)
+    prot = v.page_prot(a)
     slots = pt.pmd_slots(mm.pgd_row, v.start, v.end)
     pmd = pt.flat[slots.flat]
     leaf = a.pmd_leaf(pmd)

@@ -10,7 +10,7 @@ import numpy as np
 from attrs import define, field
 from numpy.typing import NDArray
 
-from mmuemu.arch.base import Prot
+from mmuemu.arch.base import Arch, Prot
 
 __all__ = ["AnonVma", "File", "VmFlag", "Vma", "VmaTree"]
 
@@ -104,6 +104,21 @@ class Vma:
     @property
     def nr_pages(self) -> int:
         return (self.end - self.start) >> 12
+
+    @property
+    def wants_writenotify(self) -> bool:
+        """Mirrors: vma_wants_writenotify: shared writable mappings of a file with writeback
+        (not shmem) map pages read-only, so the first write faults (page_mkwrite)."""
+        f = self.flags
+        return bool(f & VmFlag.SHARED and f & VmFlag.WRITE and self.file is not None
+                    and not self.file.swapbacked)
+
+    def page_prot(self, arch: Arch) -> int:
+        """Mirrors: vma_set_page_prot: vm_get_page_prot, without write for write-notify."""
+        p = self.prot
+        if self.wants_writenotify:
+            p = Prot(p.read, False, p.exec, p.shared)
+        return arch.vm_get_page_prot(p)
 
     def copy(self, **changes: object) -> Vma:
         v = Vma(self.start, self.end, self.flags, self.file, self.pgoff, self.anon_vma)
