@@ -100,10 +100,10 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
     n_copy = 0 if is_copy is None else int(is_copy.sum())
 
     def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64 | Rows, cidx: I64 | Rows, copy_pages: I64,
-               works: list[Work]) -> None:
+               works: list[Work], fresh: B) -> None:
         e = Entries(vals, normal, special, pfn, head, large, ae, anon, new_table)
         _commit(k, parent, child, src, dst, mode, e, pidx, cidx, starts, nr, is_copy, eagain,
-                batched_path, copy_pages, works)
+                batched_path, copy_pages, works, fresh)
 
     return PtePlan(n_copy, commit)
 
@@ -125,8 +125,12 @@ class Entries:
 
 def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: Entries,
             pidx: I64 | Rows, cidx: I64 | Rows, starts: I64 | None, nr: I64 | None, is_copy: B | None,
-            eagain: B | None, batched_path: B | None, copy_pages: I64, works: list[Work]) -> None:
+            eagain: B | None, batched_path: B | None, copy_pages: I64, works: list[Work],
+            fresh: B) -> None:
     """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries.
+
+    ``fresh`` says, per table, whether the child's table was allocated for it (a second VMA
+    in the same 2 MiB finds it there).
 
     ``starts``/``nr`` give the items (batches); None means every entry is its own item,
     the common case for order-0 folios and for legacy mode, which skips all indexing.
@@ -316,7 +320,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     ops.add("ptl_locks", 2, sec_start)
     ops.add("cond_resched", 1, sec_start)
     ops.add("copy_pte_range", 1, sec_start)
-    ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table)))
+    ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table))[fresh])  # pte_alloc_map_lock
     if isinstance(c_sel, Rows) and dense and singles:  # one section per whole table
         lock_ids = c_sel.rows
     else:

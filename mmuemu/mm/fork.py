@@ -148,11 +148,13 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     want[thp] = True
     child_rows: list[int] = []
     cslots = _child_slots(k, child, va[want], child_rows)
+    fresh = np.zeros(len(va), bool)
     cflat_all = np.full(len(va), -1, np.int64)
     cflat_all[want] = cslots.flat[np.searchsorted(cslots.va, va[want])]
     crow = np.full(len(va), -1, np.int64)
     sel = np.flatnonzero(copy_slot)
     if len(sel):
+        fresh[sel] = pt.flat[cflat_all[sel]] == 0  # tables this fork allocates
         crow[sel] = pt.pte_alloc(cflat_all[sel])
 
     # deposit tables for copied THPs (pte_alloc_one in copy_huge_pmd)
@@ -225,9 +227,14 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
             pidx, cidx, vals, new_table, _ = entries(chunk, virtual=False)
             plan = plan_ptes(k, parent, src, dst, mode, vals, new_table, None)
             assert plan.n_copy == n_copy, "pinned-page count changed between plan and commit"
-            plan.commit(k, parent, child, pidx, cidx, copy.copy_pages[done : done + n_copy], copy.works)
+            plan.commit(k, parent, child, pidx, cidx, copy.copy_pages[done : done + n_copy], copy.works,
+                        fresh[chunk])
             done += n_copy
 
+    if child_rows:
+        upper = Ops()
+        upper.add("pgtable_allocs", len(child_rows))
+        copy.works.append(Work("pgd_pud_pmd_alloc", upper))
     copy.commit_steps.append(commit)
     return copy
 
