@@ -87,3 +87,23 @@ def test_mixed_table_checkpoints() -> None:
     # progress reaches 32 (item 11), then every 32 items: 11, 43, ..., up to 511
     expected = len(range(11, 512, 32))
     assert t.counts["resched_checks"] == expected
+
+
+@pytest.mark.parametrize("mode", ["batched", "legacy"])
+def test_pinned_thp_fork_counts(mode: str) -> None:
+    """A pinned PMD THP is split at fork and every (exclusive) page is copied, one
+    -EAGAIN / prealloc / retry per page: 1 + 512 passes over the table."""
+    m = mmuemu.Machine(memory="64MiB", fork_mode=mode)
+    p, a = populated(m, 2 * MiB, 9, pte_mapped=False)
+    p.write(a, 3, length=2 * MiB)
+    pin = p.pin(a, 2 * MiB, write=True)
+    with m.measure() as t:
+        c = p.fork()
+    assert t.counts["thp_splits"] == 1
+    assert t.counts["fork_page_copies"] == 512 == t.counts["prealloc_retries"]
+    assert t.counts["copy_pte_range"] == 513
+    assert t.counts["fork_batched_ptes"] == 0
+    assert (c.read(a, length=2 * MiB) == 3).all() and c.folio(a).order == 0
+    assert p.pte(a).write and p.folio(a).order == 9
+    pin.release()
+    m.check()

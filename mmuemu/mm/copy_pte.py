@@ -59,6 +59,7 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
 
     # ---- folio_pte_batch: which entries continue the batch of the previous one
     region = None  # entries that go alone because their batch would fail (-EAGAIN)
+    fail_reads = None  # per region entry: PTEs the failed folio_pte_batch attempt read
     if mode == "batched" and large.any():
         # FPB_IGNORE_DIRTY for shared mappings; FPB_IGNORE_SOFT_DIRTY when
         # vma_soft_dirty_enabled() is false (VM_SOFTDIRTY set)
@@ -80,10 +81,14 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
                 idx, _ = expand_runs(rs, re_ - rs)
                 region = np.zeros(m, bool)
                 region[idx] = True
+                fail_reads = np.zeros(m, np.int64)
+                fail_reads[idx] = np.repeat(bend[pin_b], re_ - rs) - idx
                 cont[idx] = False
                 cont[re_[re_ < m]] = False
         starts: I64 | None = np.flatnonzero(~cont)
         batched_path = large[starts] & normal[starts]
+        if region is not None:
+            batched_path &= ~region[starts]  # after the failed attempt they go alone
     else:
         starts = None  # every entry is an item of its own
         batched_path = None
@@ -97,13 +102,15 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
         is_copy = sp & ae_s
         reg = False if region is None else (region if starts is None else region[starts])
         eagain = sp & (ae_s | reg)
+        if fail_reads is not None:
+            fail_reads = fail_reads if starts is None else fail_reads[starts]
     n_copy = 0 if is_copy is None else int(is_copy.sum())
 
     def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64 | Rows, cidx: I64 | Rows, copy_pages: I64,
                works: list[Work], fresh: B) -> None:
         e = Entries(vals, normal, special, pfn, head, large, ae, anon, new_table)
         _commit(k, parent, child, src, dst, mode, e, pidx, cidx, starts, nr, is_copy, eagain,
-                batched_path, copy_pages, works, fresh)
+                batched_path, copy_pages, works, fresh, fail_reads)
 
     return PtePlan(n_copy, commit)
 
@@ -126,7 +133,7 @@ class Entries:
 def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: Entries,
             pidx: I64 | Rows, cidx: I64 | Rows, starts: I64 | None, nr: I64 | None, is_copy: B | None,
             eagain: B | None, batched_path: B | None, copy_pages: I64, works: list[Work],
-            fresh: B) -> None:
+            fresh: B, fail_reads: I64 | None = None) -> None:
     """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries.
 
     ``fresh`` says, per table, whether the child's table was allocated for it (a second VMA
@@ -279,9 +286,19 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ei = np.flatnonzero(eagain)
         ops.add("prealloc_retries", 1, ei)
         ops.add("folio_allocs", 1, ei)
-        if batched_path is not None:
-            ops.add("folio_ref_ops", 2, ei[batched_path[ei]])  # ref_add + ref_sub of the failed batch
         ops.add("folios_freed", 1, ei[~is_copy[ei]])  # the unused prealloc
+        # the attempt that failed before the retry: a whole batch (folio_pte_batch over
+        # the rest of it, folio_ref_add + folio_ref_sub) or one small page (get + put)
+        failed = fail_reads[ei] > 0 if fail_reads is not None else np.zeros(len(ei), bool)
+        fb = ei[failed]
+        ops.add("fork_batches", 1, fb)
+        ops.add("pte_reads", fail_reads[fb] if fail_reads is not None else 0, fb)
+        ops.add("folio_ref_ops", 2, ei)
+        # a failure at a table's first entry is a pass of its own that copied nothing
+        empty = ei[at(e.new_table)[ei]]
+        ops.add("ptl_locks", 2, empty)
+        ops.add("cond_resched", 1, empty)
+        ops.add("copy_pte_range", 1, empty)
 
     # ---- the loop's own work: reads, progress, checkpoints, sections
     ops.add_each("pte_reads")
