@@ -222,3 +222,27 @@ def test_shared_file_write_notify(m: mmuemu.Machine) -> None:
     p.read(shm)
     assert p.pte(shm).write
     m.check()
+
+
+def test_sigbus_past_shmem_end_leaves_nothing(m: mmuemu.Machine) -> None:
+    """A fault that fails with SIGBUS after allocating a page table gives it back."""
+    p = m.spawn()
+    a = p.mmap(4096, shared=True, align=2 * MiB)
+    a = p.mremap(a, 4096, 2 * 4096)
+    free = m.free_pages
+    with pytest.raises(mmuemu.SegmentationFault, match="beyond the end"):
+        p.read(a + 4096)
+    assert m.free_pages == free
+    m.check()
+
+
+def test_zap_of_a_page_mapped_twice(m: mmuemu.Machine) -> None:
+    p = m.spawn()
+    s = p.mmap(2 * 4096, shared=True)
+    r = p.mremap(s, 4096, 2 * 4096)  # moves page 0, grows over shmem page 1
+    p.write(s + 4096, 7)
+    assert p.read(r + 4096) == 7  # the same shmem page at two addresses
+    assert p.folio(r + 4096).mapcount == 2
+    lo, hi = min(r, s), max(r, s) + 2 * 4096
+    p.munmap(lo, hi - lo)
+    m.check()

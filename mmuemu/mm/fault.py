@@ -104,7 +104,7 @@ def fault_range(k: Kernel, mm: Mm, start: int, end: int, *, write: bool,
         for v in vmas:
             plans.append(_plan_vma(k, mm, v, max(start, v.start), min(end, v.end), write, unshare,
                                    touch, ops, undo))
-    except OutOfMemory:
+    except BaseException:  # OutOfMemory, or SIGBUS past the end of a file
         undo.rollback()
         raise
     for plan in plans:

@@ -196,7 +196,7 @@ class PhysMem:
         """Allocate ``n`` folios of ``order`` with refcount 1 and zeroed contents."""
         heads = self.alloc(order, n)
         nr = 1 << order
-        if len(heads) and int(heads[-1]) - int(heads[0]) == (len(heads) - 1) * nr:
+        if len(heads) and (len(heads) == 1 or bool((np.diff(heads) == nr).all())):
             # one physically contiguous run (the usual bulk case): slices, not scatters
             lo, hi = int(heads[0]), int(heads[-1]) + nr
             pages: slice | I64 = slice(lo, hi)

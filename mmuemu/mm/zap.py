@@ -121,7 +121,7 @@ def _zap_ptes(k: Kernel, mm: Mm, idx: I64, vals: NDArray[np.uint64], mode: str, 
     np_norm = normal[starts]
     ni = np.flatnonzero(np_norm)
     ent, _ = expand_runs(starts[ni], nr[ni])
-    ph.mapcount[pfn[ent]] -= 1
+    ph.scatter_add(ph.mapcount, pfn[ent], -1)  # a file page may be mapped twice here
     ops2.add("mapcount_ops", nr[ni], ni)
     h = head[starts[ni]]
     lg = ph.order[h] > 0
