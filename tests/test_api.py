@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import mmuemu
+from mmuemu.workload import populated
 
 MiB = 1 << 20
 
@@ -84,10 +85,7 @@ def test_read_fault_maps_zero_page(m: mmuemu.Machine) -> None:
 
 
 def test_pmd_thp_and_split(m: mmuemu.Machine) -> None:
-    p = m.spawn()
-    p.set_folio_orders([9])
-    a = p.mmap(4 * MiB, align=2 * MiB)
-    p.populate(a, 4 * MiB)
+    p, a = populated(m, 4 * MiB, 9, pte_mapped=False)
     f = p.folio(a + 8192)
     assert f.order == 9 and f.entire_mapcount == 1 and f.refcount == 1
     assert p.pte(a).pmd

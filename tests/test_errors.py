@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import mmuemu
+from mmuemu.workload import populated
 
 MiB = 1 << 20
 
@@ -92,10 +93,7 @@ def test_released_twice(proc) -> None:
 
 def test_mprotect_keeps_exclusive_thp_writable(m: mmuemu.Machine) -> None:
     """change_huge_pmd: an exclusive anon THP stays writable across rw -> rwx."""
-    p = m.spawn()
-    p.set_folio_orders([9])
-    a = p.mmap(2 * MiB, align=2 * MiB)
-    p.populate(a, 2 * MiB)
+    p, a = populated(m, 2 * MiB, 9, pte_mapped=False)
     assert p.pte(a).pmd and p.pte(a).write
     p.mprotect(a, 2 * MiB, "rwx")
     assert p.pte(a).write
