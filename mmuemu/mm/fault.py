@@ -69,23 +69,13 @@ def _prot_str(flags: int) -> str:
 
 def populate_tables(k: Kernel, mm: Mm, start: int, end: int, undo: Any = None) -> tuple[I64, I64]:
     """PMD slots over [start, end), with upper tables allocated: (va, pmd flat index)."""
-    rows: list[int] = []
+    new: list[tuple[int, int]] = []
     try:
-        slots = k.pt.pmd_slots(mm.pgd_row, start, end, alloc=True, new_rows=rows)
+        slots = k.pt.pmd_slots(mm.pgd_row, start, end, alloc=True, new_rows=new)
     finally:
         if undo is not None:
-            undo.tables.extend(_parents(k, rows))
+            undo.tables.extend(new)
     return slots.va, slots.flat
-
-
-def _parents(k: Kernel, rows: list[int]) -> list[tuple[int, int]]:
-    """(flat index of the entry pointing at each new table, table row)."""
-    out = []
-    for r in rows:
-        want = k.arch.mk_table(k.pt.row_pfn[r : r + 1])[0]
-        hit = np.flatnonzero(k.pt.flat == want)
-        out.append((int(hit[0]), r))
-    return out
 
 
 def fault_range(k: Kernel, mm: Mm, start: int, end: int, *, write: bool,

@@ -146,7 +146,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     copy_slot[split] = True
     want = copy_slot.copy()
     want[thp] = True
-    child_rows: list[int] = []
+    child_rows: list[tuple[int, int]] = []
     cslots = _child_slots(k, child, va[want], child_rows)
     fresh = np.zeros(len(va), bool)
     cflat_all = np.full(len(va), -1, np.int64)
@@ -239,7 +239,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     return copy
 
 
-def _child_slots(k: Kernel, child: Mm, va: I64, new_rows: list[int]) -> Any:
+def _child_slots(k: Kernel, child: Mm, va: I64, new_rows: list[tuple[int, int]]) -> Any:
     """Child PMD entries for these slots, allocating upper tables per 1 GiB group."""
     from mmuemu.mm.pagetable import PmdSlots
 

@@ -104,11 +104,12 @@ class PageTables:
 
     # ------------------------------------------------------------ walks
     def pmd_slots(self, pgd_row: int, start: int, end: int, alloc: bool = False,
-                  new_rows: list[int] | None = None) -> PmdSlots:
+                  new_rows: list[tuple[int, int]] | None = None) -> PmdSlots:
         """PMD entries mapping [start, end); with ``alloc``, missing PUD/PMD tables are made.
 
         Mirrors: the pgd/p4d/pud walk of copy_page_range and friends (pud_alloc, pmd_alloc).
-        Newly allocated rows are appended to ``new_rows`` so a failing caller can undo them.
+        Newly allocated tables are appended to ``new_rows`` as (flat index of the entry
+        pointing at it, row), so a failing caller can undo them.
         """
         a = self.arch
         vas: list[I64] = []
@@ -136,7 +137,8 @@ class PageTables:
             return PmdSlots(np.zeros(0, np.int64), np.zeros(0, np.int64))
         return PmdSlots(np.concatenate(vas), np.concatenate(flats))
 
-    def _child(self, row: int, index: int, level: int, alloc: bool, new_rows: list[int] | None) -> int:
+    def _child(self, row: int, index: int, level: int, alloc: bool,
+               new_rows: list[tuple[int, int]] | None) -> int:
         entry = self.entries[row, index]
         if entry:
             return int(self.pfn_row[self.arch.table_pfn(np.asarray(entry, dtype=np.uint64))]) - 1
@@ -145,10 +147,10 @@ class PageTables:
         new = int(self.alloc(1, level)[0])
         self.entries[row, index] = self.arch.mk_table(self.row_pfn[new : new + 1])[0]
         if new_rows is not None:
-            new_rows.append(new)
+            new_rows.append((row * self.arch.ptrs_per_table + index, new))
         return new
 
-    def pte_alloc(self, pmd_flat: I64, new_rows: list[int] | None = None) -> I64:
+    def pte_alloc(self, pmd_flat: I64) -> I64:
         """Make sure each PMD entry points at a PTE table; return the tables' rows.
 
         Mirrors: pte_alloc (one allocation per missing table, done here in one call).
@@ -161,8 +163,6 @@ class PageTables:
             rows = self.alloc(len(missing), 3)
             flat = self.flat
             flat[pmd_flat[missing]] = self.arch.mk_table(self.row_pfn[rows])
-            if new_rows is not None:
-                new_rows.extend(rows.tolist())
             pmd = flat[pmd_flat]
         leaf = self.arch.pmd_leaf(pmd)
         return np.where(leaf, -1, self.rows_of(pmd))
