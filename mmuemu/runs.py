@@ -9,12 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Rows", "expand_runs", "flat_index", "run_ids", "run_starts"]
-
-
-def run_ids(nr: NDArray[np.int64]) -> NDArray[np.int64]:
-    """The run number of every entry of runs with lengths ``nr``."""
-    return np.repeat(np.arange(len(nr), dtype=np.int64), nr)
+__all__ = ["Rows", "expand_runs", "flat_index"]
 
 
 def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -26,11 +21,6 @@ def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArra
     ends = np.cumsum(nr)
     offset = np.arange(total, dtype=np.int64) - np.repeat(ends - nr, nr)
     return np.repeat(np.asarray(start, dtype=np.int64), nr) + offset, offset
-
-
-def run_starts(breaks: NDArray[np.bool_]) -> NDArray[np.int64]:
-    """Start positions of runs in a sequence where ``breaks[i]`` says a run starts at ``i``."""
-    return np.flatnonzero(breaks).astype(np.int64)
 
 
 class Rows:

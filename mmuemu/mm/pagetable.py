@@ -54,10 +54,6 @@ class PageTables:
         """All entries as one array (a view: take it again after any allocation)."""
         return self.entries.reshape(-1)
 
-    @property
-    def nr_tables(self) -> int:
-        return int((self.row_level >= 0).sum()) if len(self.row_level) else 0
-
     # ------------------------------------------------------------ allocation
     def _grow(self, need: int) -> None:
         cap = len(self.row_pfn)

@@ -249,17 +249,6 @@ class PhysMem:
         else:
             arr[idx] += val
 
-    def folio_of(self, pfn: Idx) -> I64:
-        """Mirrors: page_folio: the head PFN of the folio each page belongs to."""
-        return self.head[pfn].astype(np.int64)
-
-    def folio_nr_pages(self, heads: Idx) -> I64:
-        return np.left_shift(1, self.order[heads].astype(np.int64))
-
-    def ref_add(self, heads: Idx, nr: Idx | int) -> None:
-        """Mirrors: folio_ref_add (many folios; repeated heads add up)."""
-        self.scatter_add(self.refcount, heads, nr)
-
     def ref_sub_and_free(self, heads: Idx, nr: Idx | int) -> NDArray[np.int8]:
         """Mirrors: folio_ref_sub / folio_put; frees folios whose refcount reaches 0.
 

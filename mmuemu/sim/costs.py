@@ -60,9 +60,6 @@ class CostModel:
                 out += p * ops.per_item(name)
         return out
 
-    def with_overrides(self, **ns: float) -> CostModel:
-        return CostModel(self.name, self.arch, {**self.ns, **ns}, self.description)
-
 
 def load_costs(spec: str | Path | CostModel) -> CostModel:
     """A cost model from a name (``"xeon-4210r"``), a TOML path, or a CostModel."""
