@@ -206,7 +206,8 @@ def _median_wall(
 ) -> tuple[list[float], dict[str, float]]:
     """Run `timed(state)` up to `repeat` times; return the wall times in ms and CPU medians.
 
-    Per run: `state = setup()` (untimed), then `timed(state)` between two perf_counter reads, then
+    One untimed warm-up run comes first. Per run: `state = setup()` (untimed), then
+    `timed(state)` between two perf_counter reads, then
     `after(state, result)` (untimed). Stops early once `budget_s` seconds of timed work are spent
     (at least one run always happens). The CPU figures (getrusage just outside the timed
     region: user ms, sys ms, minor page faults) are diagnostics: a large sys share means the
@@ -217,6 +218,8 @@ def _median_wall(
     sys_: list[float] = []
     minflt: list[float] = []
     spent = 0.0
+    state = setup()  # one untimed warm-up run: the first fork also grows the table pool
+    after(state, timed(state))
     for _ in range(repeat):
         state = setup()
         gc.collect()
