@@ -100,7 +100,8 @@ def _zap_ptes(k: Kernel, mm: Mm, idx: I64, vals: NDArray[np.uint64], mode: str, 
     tab = idx // n
     cont = np.zeros(m, bool)
     if mode == "batched" and large.any():
-        bits = a.pte_same_bits(a.pte_clear_soft_dirty(a.pte_mkclean(a.pte_wrprotect(a.pte_mkold(vals)))))
+        # zap_present_ptes batches with FPB_IGNORE_DIRTY | FPB_IGNORE_SOFT_DIRTY
+        bits = a.pte_batch_bits(vals, ignore_dirty=True, ignore_soft_dirty=True)
         cont[1:] = (large[1:] & large[:-1] & (head[1:] == head[:-1]) & (pfn[1:] == pfn[:-1] + 1)
                     & (bits[1:] == bits[:-1]) & (tab[1:] == tab[:-1]) & (idx[1:] == idx[:-1] + 1))
     starts = np.flatnonzero(~cont)
@@ -125,7 +126,7 @@ def _zap_ptes(k: Kernel, mm: Mm, idx: I64, vals: NDArray[np.uint64], mode: str, 
     ops2.add("mapcount_ops", nr[ni], ni)
     h = head[starts[ni]]
     lg = ph.order[h] > 0
-    np.subtract.at(ph.large_mapcount, h[lg], nr[ni][lg].astype(np.int32))
+    ph.scatter_add(ph.large_mapcount, h[lg], -nr[ni][lg])
     # rss
     fl = ph.flags[h]
     anon = (fl & F_ANON) != 0
