@@ -56,14 +56,14 @@ def check(k: Kernel) -> None:
         normal = ~a.pte_special(vals)
         pfn = a.pte_pfn(vals)
         _check_mapped_pages(k, mm, pfn[normal], va[normal])
-        np.add.at(pte_map, pfn[normal], 1)
+        pte_map += np.bincount(pfn[normal], minlength=npg)
         leaf = pt.flat[leaf_flat]
         lpte = a.pmd_to_pte(leaf)
         lpfn = a.pte_pfn(lpte)
         _check_mapped_pages(k, mm, lpfn, leaf_va)
         if (ph.order[lpfn] != a.pmd_order).any() or (ph.head[lpfn] != lpfn).any():
             raise InvariantError(f"mm {mm.id}: a PMD leaf maps something other than a whole PMD-order folio")
-        np.add.at(pmd_map, lpfn, 1)
+        pmd_map += np.bincount(lpfn, minlength=npg)
         _check_vmas_and_rss(k, mm, vals[normal], pfn[normal], va[normal], lpte, lpfn, leaf_va)
     # every table page in use is referenced exactly once
     used = np.flatnonzero(pt.row_level >= 0)
