@@ -39,8 +39,8 @@ Knobs (environment); default run: about 100 s on a 2-core machine:
   ``MMUEMU_PROP_STEPS`` = 30 steps);
 * ``MMUEMU_PROP_LONG_EXAMPLES``: examples of ``test_mm_model_long`` (default 100, each of
   4 x 30 steps: deeper fork trees, pins alive across many forks);
-* with ``CI`` set (as in .ci/run): 1000 + 250 examples, about 5 minutes;
-* ``HYPOTHESIS_PROFILE=ci``: thousands of examples (2000 + 500, about 15 minutes);
+* with ``CI`` set (as in .ci/run): 1000 + 250 examples, about 6 minutes;
+* ``HYPOTHESIS_PROFILE=ci``: thousands of examples (2000 + 500, about 12 minutes);
   ``HYPOTHESIS_PROFILE=quick``: a smoke run (20 + 5).
 """
 
@@ -108,7 +108,7 @@ def _int_env(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-# CI (the CI variable set) runs 1250 examples, about 5 minutes on a 2-core machine
+# CI (the CI variable set) runs 1250 examples, about 6 minutes on a 2-core machine
 _PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("cirun" if os.environ.get("CI") else "default")
 # (main examples, long-sequence examples) per profile
 _PROFILES = {"default": (200, 100), "cirun": (1000, 250), "ci": (2000, 500), "quick": (20, 5)}
