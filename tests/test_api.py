@@ -244,3 +244,19 @@ def test_zap_of_a_page_mapped_twice(m: mmuemu.Machine) -> None:
     lo, hi = min(r, s), max(r, s) + 2 * 4096
     p.munmap(lo, hi - lo)
     m.check()
+
+
+def test_failed_fault_rolls_back_the_right_table(m: mmuemu.Machine) -> None:
+    """A fault failing after it allocated upper tables unlinks those tables, not a stale
+    copy of their entry elsewhere in the pool."""
+    p = m.spawn()
+    s = p.mmap(4096, shared=True)
+    c = p.fork()
+    p.read(s)
+    c.read(s)
+    c.exit()
+    r = p.mremap(s, 4096, 2 * 4096, s - 3 * 4096)
+    c = p.fork()
+    with pytest.raises(mmuemu.SegmentationFault):
+        c.read(r + 4096)
+    m.check()
