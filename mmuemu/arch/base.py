@@ -329,6 +329,17 @@ class Arch:
         of the entries flushed (PMD_SHIFT when only PMD leaves were cleared)."""
         ops.add("tlb_flush_range", 1)
 
+    def flush_tlb_pages(self, mm: Any, n: int, ops: Ops, cpu: int = 0) -> None:
+        """``n`` separate flush_tlb_page calls (one per COW-copied page), counted at once:
+        what one call does, times ``n``."""
+        if n:
+            from mmuemu.mm.work import Ops as _Ops
+
+            one = _Ops()
+            self.flush_tlb_page(mm, 0, one, cpu)
+            for name, c in one.totals.items():
+                ops.add(name, c * n)
+
     def flush_tlb_page(self, mm: Any, addr: int, ops: Ops, cpu: int = 0) -> None:
         """Mirrors: flush_tlb_page."""
         self.flush_tlb_range(mm, addr, addr + self.page_size, ops, cpu)  # a single page

@@ -286,7 +286,7 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
                 cache_of = np.zeros(len(vals), np.int64)
                 cache_of[fidx] = cache
                 src[cow_new] = cache_of[cow_new]
-            wp_copy(k, mm, vma, idx[ci], cur[ci], src[ci], copy[ci], addrs[ci], copy_new, prot,
+            wp_copy(k, mm, vma, idx[ci], cur[ci], src[ci], copy[ci], copy_new, prot,
                      write, ops)
         if file_pages.any():
             cache_of = np.zeros(len(vals), np.int64)

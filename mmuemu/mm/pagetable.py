@@ -75,7 +75,8 @@ class PageTables:
         pfns = self.phys.new_folios(0, n, F_PGTABLE)
         if len(self.free_rows) < n:
             self._grow(n - len(self.free_rows))
-        rows = np.array([self.free_rows.pop() for _ in range(n)], dtype=np.int64)
+        rows = np.array(self.free_rows[: -n - 1 : -1], dtype=np.int64)  # as n pops
+        del self.free_rows[-n:]
         self.entries[rows] = 0
         self.row_pfn[rows] = pfns
         self.row_level[rows] = level

@@ -40,7 +40,7 @@ def wp_reuse(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], pfn
 
 
 def wp_copy(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], src: I64,
-             was_mapped: NDArray[np.bool_], addrs: I64, new: I64, prot: int, write: bool,
+             was_mapped: NDArray[np.bool_], new: I64, prot: int, write: bool,
              ops: Ops) -> None:
     """Mirrors: wp_page_copy (and do_cow_fault for private file pages not yet mapped)."""
     a, ph = k.arch, k.phys
@@ -58,8 +58,7 @@ def wp_copy(k: Kernel, mm: Mm, vma: Vma, idx: I64, cur: NDArray[np.uint64], src:
     mapped = idx[was_mapped]
     if len(mapped):
         old = a.ptep_get_and_clear(mm, k.pt.flat, mapped, ops)
-        for addr in addrs[was_mapped].tolist():
-            a.flush_tlb_page(mm, addr, ops, k.cpu)
+        a.flush_tlb_pages(mm, len(mapped), ops, k.cpu)  # ptep_clear_flush, per page
         opfn = a.pte_pfn(old)
         normal = ~a.pte_special(old)
         op = opfn[normal]
