@@ -192,7 +192,7 @@ def _check_buddy(k: Kernel) -> None:
     ph = k.phys
     total = 0
     for order in range(MAX_ORDER + 1):
-        blocks = np.fromiter(ph.free_lists[order], np.int64, len(ph.free_lists[order]))
+        blocks = np.fromiter(ph.free_lists[order], np.int64, len(ph.free_lists[order])) << order
         total += len(blocks) << order
         if len(blocks) and ((ph.free_order[blocks] != order + 1).any() or (blocks & ((1 << order) - 1)).any()):
             raise InvariantError(f"buddy: a free block of order {order} is misaligned or mismarked")

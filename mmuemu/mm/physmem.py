@@ -62,6 +62,8 @@ class PhysMem:
     pincount: NDArray[np.int32] = field(init=False)
     flags: NDArray[np.uint8] = field(init=False)
     free_order: NDArray[np.uint8] = field(init=False)  # order + 1 at free block starts
+    #: free blocks per order, as block numbers (start PFN >> order): small consecutive ints
+    #: iterate in ascending order from a set, so bulk allocations come out contiguous
     free_lists: list[set[int]] = field(init=False)
     nr_free: int = field(init=False, default=0)
     #: scratch space for duplicate detection in scatter_add (touched lazily)
@@ -90,7 +92,7 @@ class PhysMem:
 
     # ------------------------------------------------------------------ buddy
     def _add_block(self, start: int, order: int) -> None:
-        self.free_lists[order].add(start)
+        self.free_lists[order].add(start >> order)
         self.free_order[start] = order + 1
         self.nr_free += 1 << order
 
@@ -112,6 +114,7 @@ class PhysMem:
             arr = np.fromiter(itertools.islice(blocks, n), dtype=np.int64, count=n)
             blocks.difference_update(arr.tolist())
         arr.sort()
+        arr <<= order
         self.free_order[arr] = 0
         self.nr_free -= len(arr) << order
         return arr
@@ -179,7 +182,7 @@ class PhysMem:
             self._add_blocks(starts[~merge], k)
             pre = budc[in_lists]
             if len(pre):
-                self.free_lists[k].difference_update(pre.tolist())
+                self.free_lists[k].difference_update((pre >> k).tolist())
                 self.free_order[pre] = 0
                 self.nr_free -= len(pre) << k
             starts = np.unique(np.minimum(starts[merge], budc[merge]))
@@ -187,7 +190,7 @@ class PhysMem:
 
     def _add_blocks(self, starts: I64, order: int) -> None:
         if len(starts):
-            self.free_lists[order].update(starts.tolist())
+            self.free_lists[order].update((starts >> order).tolist())
             self.free_order[starts] = order + 1
             self.nr_free += len(starts) << order
 
