@@ -77,11 +77,12 @@ class Process:
     def set_folio_orders(self, orders: Sequence[int]) -> None:
         """Anon folio orders the fault path may allocate (mTHP policy); 0 is always allowed."""
         k = self._k()
-        allowed = range(0, k.arch.pmd_order + 1)
+        # THP_ORDERS_ALL_ANON: order 1 is not an anon mTHP order (include/linux/huge_mm.h)
+        allowed = [0, *range(2, k.arch.pmd_order + 1)]
         bad = [o for o in orders if not isinstance(o, int) or o not in allowed]
         if bad:
             raise InvalidArgument(f"folio orders {bad} not supported by {k.arch.name}; "
-                                  f"allowed: 0..{k.arch.pmd_order} ({k.arch.pmd_order} = PMD THP)")
+                                  f"allowed: 0 and 2..{k.arch.pmd_order} ({k.arch.pmd_order} = PMD THP)")
         self.mm.folio_orders = tuple(sorted(set(orders) | {0}, reverse=True))
 
     # ------------------------------------------------------------ memory access
@@ -172,14 +173,15 @@ class Process:
         if not present[0] or ph.flags[p] & F_RESERVED or k.arch.pte_special(vals)[0]:
             raise InvalidArgument(f"no folio mapped at {addr:#x}")
         h = int(ph.head[p])
-        pmd_mapped = int(ph.entire_mapcount[h])
+        large = bool(ph.order[h])  # the large-folio counts are only kept for large folios
+        pmd_mapped = int(ph.entire_mapcount[h]) if large else 0
         return FolioInfo(
             pfn=h, order=int(ph.order[h]), refcount=int(ph.refcount[h]),
             mapcount=int(ph.mapcount[p]) + pmd_mapped, anon=bool(ph.flags[h] & F_ANON),
             anon_exclusive=bool(ph.anon_exclusive[p] or (pmd_mapped and ph.anon_exclusive[h])),
             pinned=bool(ph.folio_maybe_dma_pinned(np.array([h]))[0]),
-            large_mapcount=int(ph.large_mapcount[h]), entire_mapcount=pmd_mapped,
-            pincount=int(ph.pincount[h]),
+            large_mapcount=int(ph.large_mapcount[h]) if large else 0, entire_mapcount=pmd_mapped,
+            pincount=int(ph.pincount[h]) if large else 0,
         )
 
     @property

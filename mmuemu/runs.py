@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Rows", "expand_runs", "flat_index"]
+__all__ = ["Rows", "as_span", "expand_runs", "flat_index"]
 
 
 def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -21,6 +21,23 @@ def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArra
     ends = np.cumsum(nr)
     offset = np.arange(total, dtype=np.int64) - np.repeat(ends - nr, nr)
     return np.repeat(np.asarray(start, dtype=np.int64), nr) + offset, offset
+
+
+def as_span(idx: NDArray[np.integer]) -> slice | None:
+    """``idx`` as a slice when it is one run of consecutive indices, else None.
+
+    A slice reads and writes the state arrays as views, with no gather or scatter: physical
+    memory handed out in bulk is contiguous, so this is the common case on the hot paths.
+    """
+    m = len(idx)
+    if not m:
+        return None
+    lo = int(idx[0])
+    if int(idx[-1]) - lo != m - 1:
+        return None
+    if m > 2 and not (idx[1:] - idx[:-1] == 1).all():
+        return None
+    return slice(lo, lo + m)
 
 
 class Rows:

@@ -34,6 +34,7 @@ def proc(m: mmuemu.Machine) -> tuple[mmuemu.Machine, mmuemu.Process, int]:
         (lambda p, a: p.write(a - 4096 * 1000, 1), mmuemu.SegmentationFault, "no mapping"),
         (lambda p, a: p.read(1 << 46), mmuemu.SegmentationFault, "no mapping"),
         (lambda p, a: p.set_folio_orders([10]), mmuemu.InvalidArgument, "[10]"),
+        (lambda p, a: p.set_folio_orders([1]), mmuemu.InvalidArgument, "allowed: 0 and 2..9"),
         (lambda p, a: p.fork(mode="fast"), mmuemu.InvalidArgument, "'fast'"),
         (lambda p, a: p.folio(a + 3 * MiB), mmuemu.InvalidArgument, "no folio"),
     ],

@@ -825,7 +825,7 @@ class MmModel(RuleBasedStateMachine):
             (inval, lambda: p.madvise(a, 0, "dontneed")),
             (inval, lambda: p.mmap(0)),
             (inval, lambda: p.mmap(PAGE, align=3 * PAGE)),
-            (inval, lambda: p.set_folio_orders([data.draw(st.sampled_from([-1, 10, 12]))])),
+            (inval, lambda: p.set_folio_orders([data.draw(st.sampled_from([-1, 1, 10, 12]))])),
             (inval, lambda: p.fork(mode="eager")),
             (inval, lambda: p.mmap(PAGE, addr=a)),  # MAP_FIXED_NOREPLACE onto a mapping
             (inval, lambda: p.mremap(a, PAGE, 2 * PAGE, a - PAGE)),  # overlapping MREMAP_FIXED

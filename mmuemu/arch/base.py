@@ -166,6 +166,12 @@ class Arch:
         """Mirrors: pte_modify: keep the PFN and the page's own bits, take the new protection."""
         raise NotImplementedError
 
+    @property
+    def pte_pfn_unit(self) -> np.uint64:
+        """How much a present entry grows when its PFN advances by one (1 << PFN_PTE_SHIFT):
+        entries of consecutive pages with identical bits differ by exactly this."""
+        return _u(1 << self.page_shift)
+
     def pte_advance_pfn(self, pte: U64, nr: I64 | int) -> U64:
         """Mirrors: include/linux/pgtable.h pte_advance_pfn (``pte + (nr << PFN_PTE_SHIFT)``)."""
         return pte + (np.asarray(nr, dtype=np.uint64) << _u(self.page_shift))
@@ -216,25 +222,29 @@ class Arch:
         return np.ones(len(idx), dtype=np.int64)
 
     def set_ptes(self, mm: Any, store: U64, start: I64 | Rows, pte: U64, nr: I64, ops: Ops,
-                 items: Any = None, expanded: tuple[I64 | Rows, I64] | None = None) -> None:
+                 items: Any = None, expanded: tuple[I64 | Rows, I64 | None] | None = None,
+                 values: U64 | None = None) -> None:
         """Mirrors: include/linux/pgtable.h set_ptes: nr stores, advancing the PFN.
 
         Contract as the kernel's: for nr > 1 the targets are not present and map one folio.
-        ``expanded`` may pass the runs' flat indices and offsets when the caller has them;
+        ``expanded`` may pass the runs' flat indices and offsets when the caller has them,
+        ``values`` every entry the runs write (``pte`` advanced along each run);
         ``start`` may be whole :class:`~mmuemu.runs.Rows` when every run is one entry.
         """
-        total = int(nr.sum())
         if isinstance(start, Rows):
             start.put(store, pte)
-        elif total == len(nr):  # all single entries: no PFN to advance
-            store[start] = pte
+        elif values is None and int(nr.sum()) == len(nr):
+            store[start] = pte  # all single entries: no PFN to advance
         else:
             flat, off = expanded if expanded is not None else expand_runs(start, nr)
-            vals = self.pte_advance_pfn(np.repeat(pte, nr), off)
+            if values is None:
+                if off is None:
+                    off = expand_runs(start, nr)[1]
+                values = self.pte_advance_pfn(np.repeat(pte, nr), off)
             if isinstance(flat, Rows):
-                flat.put(store, vals)
+                flat.put(store, values)
             else:
-                store[flat] = vals
+                store[flat] = values
         ops.add("pte_writes", nr, items)
 
     def wrprotect_ptes(self, mm: Any, store: U64, start: I64, nr: I64, ops: Ops,

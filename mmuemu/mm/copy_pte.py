@@ -21,7 +21,7 @@ from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
 from mmuemu.mm.progress import checkpoint_count, checkpoints
 from mmuemu.mm.vma import Vma, VmFlag
 from mmuemu.mm.work import Ops, Work
-from mmuemu.runs import Rows, expand_runs, flat_index
+from mmuemu.runs import Rows, as_span, expand_runs, flat_index
 
 __all__ = ["PtePlan", "plan_ptes"]
 
@@ -49,25 +49,34 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
     special = present & a.pte_special(vals)
     normal = present & ~special
     pfn = a.pte_pfn(vals)  # none entries give pfn 0: masked by ``normal`` wherever it matters
-    head = ph.head[pfn]
-    large = ph.order[head] > 0
-    ae = ph.anon_exclusive[pfn]
+    span = as_span(pfn)  # one run of consecutive pages: the state arrays are read as views
+    at_pfn = span if span is not None else pfn
+    head = ph.head[at_pfn]
+    large = ph.order[at_pfn] > 0  # order and flags are kept on every page of a folio
+    ae = ph.anon_exclusive[at_pfn]
     if ae_virtual is not None:
-        ae |= ae_virtual
-    anon = normal & ((ph.flags[head] & F_ANON) != 0)
+        ae = ae | ae_virtual
+    anon = normal & ((ph.flags[at_pfn] & F_ANON) != 0)
     maybe_pinned = anon & ph.folio_maybe_dma_pinned(head) if parent.has_pinned else None
 
     # ---- folio_pte_batch: which entries continue the batch of the previous one
+    uniform = True  # every batch's entries are its first one advanced page by page
     region = None  # entries that go alone because their batch would fail (-EAGAIN)
     fail_reads = None  # per region entry: PTEs the failed folio_pte_batch attempt read
     if mode == "batched" and large.any():
         # FPB_IGNORE_DIRTY for shared mappings; FPB_IGNORE_SOFT_DIRTY when
         # vma_soft_dirty_enabled() is false (VM_SOFTDIRTY set)
-        bits = a.pte_batch_bits(vals, ignore_dirty=bool(src.flags & VmFlag.SHARED),
-                                ignore_soft_dirty=bool(src.flags & VmFlag.SOFTDIRTY))
         cont = np.zeros(m, bool)
-        cont[1:] = (large[1:] & normal[1:] & (head[1:] == head[:-1]) & (pfn[1:] == pfn[:-1] + 1)
-                    & (bits[1:] == bits[:-1]))
+        same = large[1:] & normal[1:] & (head[1:] == head[:-1])
+        # the usual case: each entry is the previous one with the PFN advanced by one
+        step = (vals[1:] - vals[:-1]) == a.pte_pfn_unit
+        if (same & ~step).any():  # entries differing in bits the batch may ignore
+            uniform = False
+            bits = a.pte_batch_bits(vals, ignore_dirty=bool(src.flags & VmFlag.SHARED),
+                                    ignore_soft_dirty=bool(src.flags & VmFlag.SOFTDIRTY))
+            cont[1:] = same & (pfn[1:] == pfn[:-1] + 1) & (bits[1:] == bits[:-1])
+        else:
+            cont[1:] = same & step
         cont &= ~new_table
         if maybe_pinned is not None:
             # a batch holding an exclusive page of a maybe-pinned folio fails; every entry
@@ -108,9 +117,9 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
 
     def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64 | Rows, cidx: I64 | Rows, copy_pages: I64,
                works: list[Work], fresh: B) -> None:
-        e = Entries(vals, normal, special, pfn, head, large, ae, anon, new_table)
+        e = Entries(vals, normal, special, pfn, head, large, ae, anon, new_table, span)
         _commit(k, parent, child, src, dst, mode, e, pidx, cidx, starts, nr, is_copy, eagain,
-                batched_path, copy_pages, works, fresh, fail_reads)
+                batched_path, copy_pages, works, fresh, fail_reads, uniform)
 
     return PtePlan(n_copy, commit)
 
@@ -128,12 +137,13 @@ class Entries:
     ae: B
     anon: B
     new_table: B
+    span: slice | None  # ``pfn`` as a slice when it is one run of consecutive pages
 
 
 def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: Entries,
             pidx: I64 | Rows, cidx: I64 | Rows, starts: I64 | None, nr: I64 | None, is_copy: B | None,
             eagain: B | None, batched_path: B | None, copy_pages: I64, works: list[Work],
-            fresh: B, fail_reads: I64 | None = None) -> None:
+            fresh: B, fail_reads: I64 | None = None, uniform: bool = False) -> None:
     """Write the planned copy: rmap and refcounts, the parent's wrprotects, child entries.
 
     ``fresh`` says, per table, whether the child's table was allocated for it (a second VMA
@@ -141,6 +151,8 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
 
     ``starts``/``nr`` give the items (batches); None means every entry is its own item,
     the common case for order-0 folios and for legacy mode, which skips all indexing.
+    ``uniform`` says every batch's entries are its first one advanced page by page, so the
+    child's entries can be computed entry by entry instead of expanded from the batches.
     """
     a, ph = k.arch, k.phys
     m = len(e.vals)
@@ -179,7 +191,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ent = d_start
     elif dense:
         ent = np.zeros(0, np.int64)  # not needed
-        ent_off = np.arange(m, dtype=np.int64) - np.repeat(d_start, d_nr)
+        ent_off = None  # computed by set_ptes if it needs them
     else:
         ent, ent_off = expand_runs(d_start, d_nr)
 
@@ -202,14 +214,17 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     h_items = e.head if dense and singles else e.head[ni_first]
     lg = e.large if dense and singles else e.large[ni_first]
     ni_nr = np.ones(len(ni), np.int64) if nr is None else nr[ni]
+    span = e.span if dense else None  # the pages duplicated are one physical run
     if lg.any():
         ph.scatter_add(ph.refcount, h_items[lg], ni_nr[lg])
         ph.scatter_add(ph.large_mapcount, h_items[lg], ni_nr[lg])
         ph.refcount[h_items[~lg]] += 1
+    elif span is not None and singles:  # small folios: each page is its own head
+        ph.refcount[span] += 1
     else:
         ph.refcount[h_items] += 1
     # mapcount: one atomic per page (v6.9)
-    ph.mapcount[pfn_n] += 1
+    ph.mapcount[span if span is not None else pfn_n] += 1
     if dense and singles:
         ops.add_each("folio_ref_ops")
         ops.add_each("mapcount_ops")
@@ -219,7 +234,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     # AnonExclusive cleared on every page that had it
     ae_n = e.ae if dense else e.ae[ent_n]
     if ae_n.any():
-        ph.anon_exclusive[pfn_n[ae_n]] = False
+        ph.anon_exclusive[span if span is not None else pfn_n[ae_n]] = False
         if singles:
             ops.add("anon_exclusive_clears", 1, ni[ae_n])
         else:
@@ -236,7 +251,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     # ---- __copy_present_ptes: parent wrprotect, child entries from the first pte
     pte = e.vals.copy() if dense and singles else e.vals[d_start]
     write = a.pte_write(pte)
-    if not singles and len(di):
+    if not singles and len(di) and not uniform:
         any_w = np.logical_or.reduceat(a.pte_write(E(e.vals)), offsets)
         mk = any_w & ~write
         if mk.any():
@@ -259,6 +274,17 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         pte = a.pte_clear_uffd_wp(pte)
     if singles:
         a.set_ptes(child, flat, c_sel if whole else flat_index(c_sel, d_start), pte, d_nr, ops, di)
+    elif uniform and whole:
+        # entry by entry: the parent's entries (write-protected above where they were
+        # writable) with the child's changes, which leave the PFN field alone
+        cv = p_sel.get(flat)
+        if src.flags & VmFlag.SHARED:
+            cv = a.pte_mkclean(cv)
+        cv = a.pte_mkold(cv)
+        if not dst.flags & VmFlag.UFFD_WP:
+            cv = a.pte_clear_uffd_wp(cv)
+        a.set_ptes(child, flat, flat_index(c_sel, d_start), pte, d_nr, ops, di, expanded=(c_sel, None),
+                   values=cv)
     else:
         c_ent = c_sel if whole else (C()[ent] if len(ent) else C())
         a.set_ptes(child, flat, flat_index(c_sel, d_start), pte, d_nr, ops, di,

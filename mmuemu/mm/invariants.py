@@ -139,11 +139,12 @@ def _check_counts(k: Kernel, pte_map: I64, pmd_map: I64) -> None:
     # per-folio sums of page mapcounts
     cs = np.concatenate([[0], np.cumsum(pte_map)])
     folio_pte = cs[heads + (1 << order)] - cs[heads]
-    if (ph.entire_mapcount[heads] != pmd_map[heads]).any():
-        h = int(heads[ph.entire_mapcount[heads] != pmd_map[heads]][0])
-        raise InvariantError(f"folio {h}: entire mapcount {int(ph.entire_mapcount[h])} but "
+    large = order > 0  # the large-folio counts live in tail pages: read only there
+    entire = np.where(large, ph.entire_mapcount[heads], 0)
+    if (entire != pmd_map[heads]).any():
+        h = int(heads[entire != pmd_map[heads]][0])
+        raise InvariantError(f"folio {h}: entire mapcount {int(entire[heads == h][0])} but "
                              f"{int(pmd_map[h])} PMDs map it")
-    large = order > 0
     exp_large = folio_pte + pmd_map[heads]
     if (ph.large_mapcount[heads[large]] != exp_large[large]).any():
         h = int(heads[large][ph.large_mapcount[heads[large]] != exp_large[large]][0])
@@ -165,9 +166,10 @@ def _check_counts(k: Kernel, pte_map: I64, pmd_map: I64) -> None:
         h = int(heads[wrong][0])
         raise InvariantError(f"folio {h} (order {int(ph.order[h])}): refcount {int(ph.refcount[h])} but "
                              f"mappings, page cache and GUP hold {int(expect[wrong][0])}")
-    if (ph.pincount[heads] != pins[heads]).any():
-        h = int(heads[ph.pincount[heads] != pins[heads]][0])
-        raise InvariantError(f"folio {h}: pincount {int(ph.pincount[h])} but pins hold {int(pins[h])}")
+    pinc = np.where(large, ph.pincount[heads], 0)
+    if (pinc != pins[heads]).any():
+        h = int(heads[pinc != pins[heads]][0])
+        raise InvariantError(f"folio {h}: pincount {int(pinc[heads == h][0])} but pins hold {int(pins[h])}")
     excl = np.flatnonzero(ph.anon_exclusive & (pte_map > 1))
     if len(excl):
         raise InvariantError(f"pfn {int(excl[0])} is AnonExclusive but mapped {int(pte_map[excl[0]])} times")

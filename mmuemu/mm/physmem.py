@@ -1,9 +1,12 @@
 """Physical memory: page frames, the buddy allocator and folios as structure-of-arrays.
 
-Every array is indexed by PFN.  Per-page fields (token, mapcount, AnonExclusive, head) are
-meaningful for every page of an allocated folio; per-folio fields (order, refcount, entire
-and large mapcounts, pin count, flags) only at the folio's head PFN.  Arrays are made with
-``np.zeros`` so untouched frames cost no host memory.
+Every array is indexed by PFN; large folios have order >= 2 (as anon mTHP in the kernel).  Per-page fields (token, mapcount, AnonExclusive, head) are
+meaningful for every page of an allocated folio; so are the folio's order and flags, which are
+copied to every page so that a contiguous range of pages reads them as a slice (F_ALLOC
+marks the head only).  Per-folio counts (refcount, entire and large mapcounts, pin count)
+are indexed by the folio's head PFN; as in struct folio, the last three are stored in the
+first tail pages (views of the refcount array at offsets 1..3), so they exist for large
+folios only.  Arrays are made with ``np.zeros`` so untouched frames cost no host memory.
 
 Mapcounts are stored as counts (the kernel's ``_mapcount`` is this minus one).
 """
@@ -78,10 +81,13 @@ class PhysMem:
         self.anon_exclusive = np.zeros(n, dtype=bool)
         self.head = np.zeros(n, dtype=np.int32)
         self.order = np.zeros(n, dtype=np.int8)
-        self.refcount = np.zeros(n, dtype=np.int32)
-        self.entire_mapcount = np.zeros(n, dtype=np.int32)
-        self.large_mapcount = np.zeros(n, dtype=np.int32)
-        self.pincount = np.zeros(n, dtype=np.int32)
+        # like struct folio, the large-folio counts live in the first tail pages: views of
+        # one array at offsets 1, 2, 3 (large folios have order >= 2, so these are theirs)
+        words = np.zeros(n + 3, dtype=np.int32)
+        self.refcount = words[:n]
+        self.large_mapcount = words[1 : n + 1]
+        self.pincount = words[2 : n + 2]
+        self.entire_mapcount = words[3 : n + 3]
         self.flags = np.zeros(n, dtype=np.uint8)
         self.free_order = np.zeros(n, dtype=np.uint8)
         self._scratch = np.zeros(n, dtype=np.int32)
@@ -197,6 +203,8 @@ class PhysMem:
     # ------------------------------------------------------------------ folios
     def new_folios(self, order: int, n: int, flags: np.uint8) -> I64:
         """Allocate ``n`` folios of ``order`` with refcount 1 and zeroed contents."""
+        if order == 1:
+            raise ValueError("order-1 folios are not supported: large folios have order >= 2")
         heads = self.alloc(order, n)
         nr = 1 << order
         if len(heads) and (len(heads) == 1 or bool((np.diff(heads) == nr).all())):
@@ -213,11 +221,12 @@ class PhysMem:
             else:
                 pages = heads
                 self.head[pages] = pages
-        # mapcounts, pin count, AnonExclusive and order are zero on every free page (freeing
+        # mapcounts, pin count and AnonExclusive are zero on every free page (freeing
         # guarantees it), so they are not written here: untouched arrays cost no host memory
         self.token[pages] = 0
         if order:
-            self.order[hs] = order
+            self.order[pages] = order
+            self.flags[pages] = flags
         self.refcount[hs] = 1
         self.flags[hs] = F_ALLOC | flags
         return heads
@@ -274,17 +283,16 @@ class PhysMem:
             hs = heads[orders == order]
             if order:
                 pages, _ = expand_runs(hs, np.full(len(hs), 1 << order, dtype=np.int64))
-                self.head[pages] = 0
-                self.anon_exclusive[pages] = False
+                self.order[pages] = 0
             else:
-                self.head[hs] = 0
-                self.anon_exclusive[hs] = False
-            self.flags[hs] = 0
-            if order:
-                self.order[hs] = 0
-            for arr in (self.pincount, self.entire_mapcount, self.large_mapcount):
-                if arr[hs].any():  # only after a bug; keeps the "zero when free" promise
-                    arr[hs] = 0
+                pages = hs
+            self.head[pages] = 0
+            self.anon_exclusive[pages] = False
+            self.flags[pages] = 0
+            if order:  # only after a bug; keeps the "zero when free" promise
+                for arr in (self.pincount, self.entire_mapcount, self.large_mapcount):
+                    if arr[hs].any():
+                        arr[hs] = 0
             self.free_blocks(hs, order)
 
     def folio_maybe_dma_pinned(self, heads: Idx) -> NDArray[np.bool_]:
