@@ -68,6 +68,23 @@ def test_modes_equivalent(order: int) -> None:
         assert np.array_equal(sb[key], sl[key]), key
 
 
+@pytest.mark.parametrize("mode", ["batched", "legacy"])
+@pytest.mark.parametrize("order", [0, 4, 9])
+def test_first_fork_clears_every_anon_exclusive(mode: str, order: int) -> None:
+    """The first fork clears AnonExclusive on every page and counts each clear once; a
+    second fork finds none left to clear."""
+    m = mmuemu.Machine(arch="x86_64", memory="256MiB", fork_mode=mode)
+    p, a = populated(m, 8 * MiB, order)
+    with m.measure() as first:
+        p.fork()
+    with m.measure() as second:
+        p.fork()
+    assert first.counts["anon_exclusive_clears"] == 2048
+    assert second.counts["anon_exclusive_clears"] == 0
+    assert not m.kernel.phys.anon_exclusive.any()
+    m.check()
+
+
 def test_pte_reads_batched_exact() -> None:
     """One read per PTE, plus the read that ends each batch inside a table."""
     _, t, _ = _forked("batched", 4, 2 * MiB)

@@ -247,14 +247,19 @@ class Arch:
                 store[flat] = values
         ops.add("pte_writes", nr, items)
 
-    def wrprotect_ptes(self, mm: Any, store: U64, start: I64, nr: I64, ops: Ops,
+    def wrprotect_ptes(self, mm: Any, store: U64, start: I64 | Rows, nr: I64, ops: Ops,
                        items: Any = None, expanded: I64 | Rows | None = None) -> None:
         """Mirrors: include/linux/pgtable.h wrprotect_ptes: a loop of ptep_set_wrprotect.
 
         ``expanded`` may pass the runs' entries (flat indices or whole rows) when the caller
-        has them.
+        has them; ``start`` may be whole :class:`~mmuemu.runs.Rows` when every run is one
+        entry (``expanded`` is then required).
         """
-        flat = expanded if expanded is not None else expand_runs(start, nr)[0]
+        if expanded is None:
+            assert not isinstance(start, Rows), "whole rows need expanded"
+            flat: I64 | Rows = expand_runs(start, nr)[0]
+        else:
+            flat = expanded
         if isinstance(flat, Rows):
             flat.put(store, self.pte_wrprotect(flat.get(store)))
         else:

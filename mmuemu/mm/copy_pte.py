@@ -45,11 +45,27 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
     ``commit`` applies it and builds the Work."""
     a, ph = k.arch, k.phys
     m = len(vals)
-    present = a.pte_present(vals)
-    special = present & a.pte_special(vals)
-    normal = present & ~special
-    pfn = a.pte_pfn(vals)  # none entries give pfn 0: masked by ``normal`` wherever it matters
-    span = as_span(pfn)  # one run of consecutive pages: the state arrays are read as views
+    # the usual case: each entry is the previous one with the PFN advanced by one
+    unit = a.pte_pfn_unit
+    step = None
+    if m > 1 and int(vals[-1]) - int(vals[0]) == (m - 1) * int(unit):
+        step = (vals[1:] - vals[:-1]) == unit
+    first = vals[:1]
+    if step is not None and bool(step.all()) and bool((a.pte_present(first) & ~a.pte_special(first))[0]):
+        # one progression of normal entries: every test is the first entry's
+        present = normal = np.ones(m, bool)
+        special = np.zeros(m, bool)
+        all_normal = True
+        p0 = int(a.pte_pfn(first)[0])
+        pfn = np.arange(p0, p0 + m, dtype=np.int64)
+        span: slice | None = slice(p0, p0 + m)
+    else:
+        present = a.pte_present(vals)
+        special = present & a.pte_special(vals)
+        normal = present & ~special
+        pfn = a.pte_pfn(vals)  # none entries give pfn 0: masked by ``normal`` wherever it matters
+        span = as_span(pfn)  # one run of consecutive pages: the state arrays are read as views
+        all_normal = bool(normal.all())
     at_pfn = span if span is not None else pfn
     head = ph.head[at_pfn]
     large = ph.order[at_pfn] > 0  # order and flags are kept on every page of a folio
@@ -68,8 +84,8 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
         # vma_soft_dirty_enabled() is false (VM_SOFTDIRTY set)
         cont = np.zeros(m, bool)
         same = large[1:] & normal[1:] & (head[1:] == head[:-1])
-        # the usual case: each entry is the previous one with the PFN advanced by one
-        step = (vals[1:] - vals[:-1]) == a.pte_pfn_unit
+        if step is None:
+            step = (vals[1:] - vals[:-1]) == unit
         if (same & ~step).any():  # entries differing in bits the batch may ignore
             uniform = False
             bits = a.pte_batch_bits(vals, ignore_dirty=bool(src.flags & VmFlag.SHARED),
@@ -117,7 +133,7 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
 
     def commit(k: Kernel, parent: Mm, child: Mm, pidx: I64 | Rows, cidx: I64 | Rows, copy_pages: I64,
                works: list[Work], fresh: B) -> None:
-        e = Entries(vals, normal, special, pfn, head, large, ae, anon, new_table, span)
+        e = Entries(vals, normal, special, pfn, head, large, ae, anon, new_table, span, all_normal)
         _commit(k, parent, child, src, dst, mode, e, pidx, cidx, starts, nr, is_copy, eagain,
                 batched_path, copy_pages, works, fresh, fail_reads, uniform)
 
@@ -138,6 +154,7 @@ class Entries:
     anon: B
     new_table: B
     span: slice | None  # ``pfn`` as a slice when it is one run of consecutive pages
+    all_normal: bool  # every entry maps a normal page
 
 
 def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: Entries,
@@ -179,46 +196,62 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
 
     # ---- dup items: present and not copied
     i_norm = at(e.normal)
-    dup = i_norm | at(e.special)
-    if is_copy is not None:
-        dup &= ~is_copy
-    di = np.flatnonzero(dup)
-    d_start = di if starts is None else starts[di]
-    d_nr = np.ones(len(di), np.int64) if nr is None else nr[di]
-    # "dense": the items cover every entry, in order: per-entry arrays are used as they are
-    dense = int(d_nr.sum()) == m
-    if singles:
-        ent = d_start
-    elif dense:
-        ent = np.zeros(0, np.int64)  # not needed
-        ent_off = None  # computed by set_ptes if it needs them
+    ent_off: I64 | None = None  # offsets of entries in their items, when expanded
+    if e.all_normal and is_copy is None:  # the usual case: every item is a normal dup
+        di = np.arange(n_items, dtype=np.int64)
+        d_start = di if starts is None else starts
+        d_nr = np.ones(n_items, np.int64) if nr is None else nr
+        dense = all_norm = True
+        ent = d_start if singles else np.zeros(0, np.int64)
     else:
-        ent, ent_off = expand_runs(d_start, d_nr)
+        dup = i_norm | at(e.special)
+        if is_copy is not None:
+            dup &= ~is_copy
+        di = np.flatnonzero(dup)
+        d_start = di if starts is None else starts[di]
+        d_nr = np.ones(len(di), np.int64) if nr is None else nr[di]
+        # "dense": the items cover every entry, in order: per-entry arrays are used as they are
+        dense = int(d_nr.sum()) == m
+        if singles:
+            ent = d_start
+        elif dense:
+            ent = np.zeros(0, np.int64)  # not needed
+        else:
+            ent, ent_off = expand_runs(d_start, d_nr)
+        norm_ent = e.normal if dense else e.normal[ent]
+        all_norm = bool(norm_ent.all())
+        dense = dense and all_norm
+        if not all_norm:
+            ent = (np.arange(m) if len(ent) == 0 else ent)
 
     def E(x: NDArray[Any]) -> NDArray[Any]:
         return x if dense else x[ent]
 
-    norm_ent = E(e.normal)
-    all_norm = bool(norm_ent.all())
-    dense = dense and all_norm
-    if not all_norm:
-        ent = (np.arange(m) if len(ent) == 0 else ent)
-        ent_n = ent[norm_ent]
-    else:
-        ent_n = ent
+    ent_n = ent if all_norm else ent[norm_ent]
     pfn_n = e.pfn if dense else e.pfn[ent_n]
-    offsets = np.cumsum(d_nr) - d_nr  # each item's first position among the duplicated entries
+
+    def offsets() -> I64:
+        """Each item's first position among the duplicated entries."""
+        if "off" not in cache:
+            cache["off"] = np.cumsum(d_nr) - d_nr
+        return cache["off"]
+
     # refcount: one folio_ref_add (or folio_get) per item; small folios are mapped once
     ni = di if all_norm else di[e.normal[d_start]]
     ni_first = ni if starts is None else starts[ni]
     h_items = e.head if dense and singles else e.head[ni_first]
     lg = e.large if dense and singles else e.large[ni_first]
-    ni_nr = np.ones(len(ni), np.int64) if nr is None else nr[ni]
+    ni_nr = d_nr if all_norm else (np.ones(len(ni), np.int64) if nr is None else nr[ni])
     span = e.span if dense else None  # the pages duplicated are one physical run
     if lg.any():
-        ph.scatter_add(ph.refcount, h_items[lg], ni_nr[lg])
-        ph.scatter_add(ph.large_mapcount, h_items[lg], ni_nr[lg])
-        ph.refcount[h_items[~lg]] += 1
+        if bool(lg.all()) and (len(h_items) < 2 or bool((h_items[1:] > h_items[:-1]).all())):
+            add = ni_nr.astype(np.int32)  # one batch per folio here: plain adds
+            ph.refcount[h_items] += add
+            ph.large_mapcount[h_items] += add
+        else:
+            ph.scatter_add(ph.refcount, h_items[lg], ni_nr[lg])
+            ph.scatter_add(ph.large_mapcount, h_items[lg], ni_nr[lg])
+            ph.refcount[h_items[~lg]] += 1
     elif span is not None and singles:  # small folios: each page is its own head
         ph.refcount[span] += 1
     else:
@@ -234,11 +267,12 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     # AnonExclusive cleared on every page that had it
     ae_n = e.ae if dense else e.ae[ent_n]
     if ae_n.any():
-        ph.anon_exclusive[span if span is not None else pfn_n[ae_n]] = False
         if singles:
             ops.add("anon_exclusive_clears", 1, ni[ae_n])
         else:
-            ops.add("anon_exclusive_clears", np.add.reduceat(E(e.ae).astype(np.int64), offsets), di)
+            ops.add("anon_exclusive_clears", np.add.reduceat(E(e.ae).astype(np.int64), offsets()), di)
+        # last: with ``span``, e.ae is a view of the array cleared here
+        ph.anon_exclusive[span if span is not None else pfn_n[ae_n]] = False
     # rss of the child
     anon_n = e.anon if dense else e.anon[ent_n]
     n_anon = int(np.count_nonzero(anon_n))
@@ -249,10 +283,10 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         child.rss[MM_FILEPAGES] += int((~shm).sum())
 
     # ---- __copy_present_ptes: parent wrprotect, child entries from the first pte
-    pte = e.vals.copy() if dense and singles else e.vals[d_start]
+    pte = e.vals if dense and singles else e.vals[d_start]  # (changed below only by copies)
     write = a.pte_write(pte)
     if not singles and len(di) and not uniform:
-        any_w = np.logical_or.reduceat(a.pte_write(E(e.vals)), offsets)
+        any_w = np.logical_or.reduceat(a.pte_write(E(e.vals)), offsets())
         mk = any_w & ~write
         if mk.any():
             pte[mk] = a.pte_mkwrite(pte[mk])
@@ -260,13 +294,13 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     whole = dense and isinstance(p_sel, Rows)  # the runs are whole tables, in order
     if src.is_cow and write.any():
         if write.all():
-            a.wrprotect_ptes(parent, flat, flat_index(p_sel, d_start), d_nr, ops, di,
-                             expanded=p_sel if whole else (None if singles else P()[ent] if len(ent) else P()))
+            a.wrprotect_ptes(parent, flat, p_sel if whole and singles else flat_index(p_sel, d_start), d_nr,
+                             ops, di, expanded=p_sel if whole else (None if singles else P()[ent] if len(ent) else P()))
             pte = a.pte_wrprotect(pte)
         else:
             wi = np.flatnonzero(write)
             a.wrprotect_ptes(parent, flat, flat_index(p_sel, d_start[wi]), d_nr[wi], ops, di[wi])
-            pte[wi] = a.pte_wrprotect(pte[wi])
+            pte = np.where(write, a.pte_wrprotect(pte), pte)
     if src.flags & VmFlag.SHARED:
         pte = a.pte_mkclean(pte)
     pte = a.pte_mkold(pte)
@@ -277,6 +311,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     elif uniform and whole:
         # entry by entry: the parent's entries (write-protected above where they were
         # writable) with the child's changes, which leave the PFN field alone
+        assert isinstance(p_sel, Rows)
         cv = p_sel.get(flat)
         if src.flags & VmFlag.SHARED:
             cv = a.pte_mkclean(cv)
