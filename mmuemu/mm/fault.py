@@ -87,6 +87,40 @@ def fault_range(k: Kernel, mm: Mm, start: int, end: int, *, write: bool,
     also replaces the zero page and page-cache pages of private mappings by anon copies
     (mm/gup.c gup_must_unshare)."""
     vmas = check_access(mm, start, end, write)
+    if not _can_split(k, vmas, start, end):
+        yield from _fault_part(k, mm, vmas, start, end, write, unshare, touch)
+        return
+    lo = start
+    while lo < end:  # in address order, as the CPU touches them
+        hi = min(end, (lo // FAULT_CHUNK + 1) * FAULT_CHUNK)
+        part = [v for v in vmas if v.start < hi and v.end > lo]
+        yield from _fault_part(k, mm, part, lo, hi, write, unshare, touch)
+        lo = hi
+
+
+#: address space planned at once by a large fault_range that cannot fail half-way (bounds
+#: the temporaries: a 1 GiB populate holds about 2 MiB of them instead of 50)
+FAULT_CHUNK = 32 << 20
+
+
+def _can_split(k: Kernel, vmas: list[Vma], start: int, end: int) -> bool:
+    """Whether [start, end) may be planned FAULT_CHUNK at a time: only when no part can
+    fail (anonymous memory, enough free pages for a new page per page plus every table and
+    deposit, no injected failure), so that a failure still leaves the machine as it was."""
+    size = end - start
+    if size <= FAULT_CHUNK or k.phys.fail_countdown is not None:
+        return False
+    if any(not v.is_anonymous for v in vmas):
+        return False  # SIGBUS past a file's end must undo everything
+    a = k.arch
+    pmds = (size >> a.pmd_shift) + 2
+    bound = (size >> a.page_shift) + 2 * pmds + 2 * ((size >> a.level_shift(1)) + 2) + 8
+    return k.phys.nr_free >= bound
+
+
+def _fault_part(k: Kernel, mm: Mm, vmas: list[Vma], start: int, end: int, write: bool,
+                unshare: str | None, touch: bool) -> Generator[Work, Any, None]:
+    """fault_range over one part: plan every VMA (allocating), then apply."""
     ops = Ops()
     undo = Undo(k)
     plans = []

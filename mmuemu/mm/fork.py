@@ -37,7 +37,7 @@ __all__ = ["FORK_MODES", "dup_mmap"]
 
 FORK_MODES = ("batched", "legacy")
 #: page tables planned and committed together (bounds the temporaries: 512 MiB of PTEs)
-CHUNK_SLOTS = 128
+CHUNK_SLOTS = 64
 I64 = NDArray[np.int64]
 B = NDArray[np.bool_]
 

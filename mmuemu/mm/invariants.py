@@ -196,7 +196,8 @@ def _check_buddy(k: Kernel) -> None:
     for order in range(MAX_ORDER + 1):
         blocks = np.fromiter(ph.free_lists[order], np.int64, len(ph.free_lists[order])) << order
         total += len(blocks) << order
-        if len(blocks) and ((ph.free_order[blocks] != order + 1).any() or (blocks & ((1 << order) - 1)).any()):
+        marked = (ph.free_order[blocks] == order + 1) if order < MAX_ORDER else True
+        if len(blocks) and (not np.all(marked) or (blocks & ((1 << order) - 1)).any()):
             raise InvariantError(f"buddy: a free block of order {order} is misaligned or mismarked")
         if len(blocks):
             pages = (blocks[:, None] + np.arange(1 << order)[None, :]).ravel()

@@ -9,6 +9,7 @@ array), so callers can read and write entries of many tables in one numpy operat
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 
 import numpy as np
@@ -21,6 +22,13 @@ from mmuemu.mm.physmem import F_PGTABLE, PhysMem
 __all__ = ["PageTables", "PmdSlots"]
 
 I64 = NDArray[np.int64]
+
+
+def _lazy_zeros(rows: int, width: int) -> NDArray[np.uint64]:
+    """A zeroed (rows, width) array in its own anonymous mapping: the host gives it pages
+    only as they are written, and takes them all back when it is freed."""
+    size = rows * width * 8
+    return np.frombuffer(mmap.mmap(-1, max(size, 8)), dtype=np.uint64, count=rows * width).reshape(rows, width)
 
 
 @define
@@ -40,7 +48,9 @@ class PageTables:
     entries: NDArray[np.uint64] = field(init=False)
     row_pfn: I64 = field(init=False)
     row_level: NDArray[np.int8] = field(init=False)
-    free_rows: list[int] = field(init=False, factory=list)
+    #: a stack of free rows (the top, ``free_rows[nr_free_rows - 1]``, is taken first)
+    free_rows: I64 = field(init=False, factory=lambda: np.zeros(0, np.int64))
+    nr_free_rows: int = field(init=False, default=0)
     pfn_row: NDArray[np.int32] = field(init=False)  # row + 1 of a table page's PFN
 
     def __attrs_post_init__(self) -> None:
@@ -48,6 +58,9 @@ class PageTables:
         self.row_pfn = np.zeros(0, dtype=np.int64)
         self.row_level = np.zeros(0, dtype=np.int8)
         self.pfn_row = np.zeros(self.phys.nr_pages, dtype=np.int32)
+        # room for tables mapping all of memory 8 times over: the pool is zeroed lazily by
+        # the host, so rows cost host memory only once used, and it rarely has to grow
+        self._grow(8 * (self.phys.nr_pages // self.arch.ptrs_per_table))
 
     @property
     def flat(self) -> NDArray[np.uint64]:
@@ -58,12 +71,18 @@ class PageTables:
     def _grow(self, need: int) -> None:
         cap = len(self.row_pfn)
         new_cap = max(cap * 2, cap + need, 64)
-        entries = np.zeros((new_cap, self.arch.ptrs_per_table), dtype=np.uint64)
-        entries[:cap] = self.entries
+        entries = _lazy_zeros(new_cap, self.arch.ptrs_per_table)
+        if cap:
+            entries[:cap] = self.entries
         self.entries = entries
         self.row_pfn = np.concatenate([self.row_pfn, np.zeros(new_cap - cap, dtype=np.int64)])
         self.row_level = np.concatenate([self.row_level, np.full(new_cap - cap, -1, dtype=np.int8)])
-        self.free_rows.extend(range(new_cap - 1, cap - 1, -1))
+        stack = np.empty(new_cap, dtype=np.int64)
+        nf = self.nr_free_rows
+        stack[:nf] = self.free_rows[:nf]
+        stack[nf : nf + new_cap - cap] = np.arange(new_cap - 1, cap - 1, -1, dtype=np.int64)
+        self.free_rows = stack
+        self.nr_free_rows = nf + new_cap - cap
 
     def alloc(self, n: int, level: int) -> I64:
         """Allocate ``n`` zeroed tables of ``level``; raises OutOfMemory changing nothing.
@@ -72,11 +91,12 @@ class PageTables:
         """
         if n <= 0:
             return np.zeros(0, dtype=np.int64)
-        pfns = self.phys.new_folios(0, n, F_PGTABLE)
-        if len(self.free_rows) < n:
-            self._grow(n - len(self.free_rows))
-        rows = np.array(self.free_rows[: -n - 1 : -1], dtype=np.int64)  # as n pops
-        del self.free_rows[-n:]
+        pfns = self.phys.new_folios(0, n, F_PGTABLE, top=True)
+        if self.nr_free_rows < n:
+            self._grow(n - self.nr_free_rows)
+        top = self.nr_free_rows
+        rows = self.free_rows[top - n : top][::-1].copy()  # as n pops
+        self.nr_free_rows = top - n
         self.entries[rows] = 0
         self.row_pfn[rows] = pfns
         self.row_level[rows] = level
@@ -91,7 +111,9 @@ class PageTables:
         pfns = self.row_pfn[rows]
         self.pfn_row[pfns] = 0
         self.row_level[rows] = -1
-        self.free_rows.extend(rows.tolist())
+        top = self.nr_free_rows
+        self.free_rows[top : top + len(rows)] = rows
+        self.nr_free_rows = top + len(rows)
         self.phys.ref_sub_and_free(pfns, 1)
 
     def rows_of(self, entry: NDArray[np.uint64]) -> I64:

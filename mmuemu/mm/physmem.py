@@ -45,6 +45,11 @@ F_SWAPBACKED = np.uint8(4)  # shmem / anon
 F_PGTABLE = np.uint8(8)  # a page-table page
 F_RESERVED = np.uint8(16)  # the shared zero page
 
+#: free lists up to this long are searched for the lowest (highest) blocks
+_CHOOSE_MAX = 4096
+#: allocations of at least this many blocks are made in address order
+_BULK = 16
+
 I64 = NDArray[np.int64]
 Idx = NDArray[np.integer]  # any integer index array
 
@@ -64,13 +69,14 @@ class PhysMem:
     large_mapcount: NDArray[np.int32] = field(init=False)
     pincount: NDArray[np.int32] = field(init=False)
     flags: NDArray[np.uint8] = field(init=False)
-    free_order: NDArray[np.uint8] = field(init=False)  # order + 1 at free block starts
+    #: order + 1 at the start of free blocks below MAX_ORDER (the buddies a free can merge
+    #: with); MAX_ORDER blocks never merge and are not marked, so a fresh machine's array
+    #: stays untouched
+    free_order: NDArray[np.uint8] = field(init=False)
     #: free blocks per order, as block numbers (start PFN >> order): small consecutive ints
     #: iterate in ascending order from a set, so bulk allocations come out contiguous
     free_lists: list[set[int]] = field(init=False)
     nr_free: int = field(init=False, default=0)
-    #: scratch space for duplicate detection in scatter_add (touched lazily)
-    _scratch: NDArray[np.int32] = field(init=False)
     #: allocation-failure injection: number of allocation calls left before one fails
     fail_countdown: int | None = field(init=False, default=None)
 
@@ -90,7 +96,6 @@ class PhysMem:
         self.entire_mapcount = words[3 : n + 3]
         self.flags = np.zeros(n, dtype=np.uint8)
         self.free_order = np.zeros(n, dtype=np.uint8)
-        self._scratch = np.zeros(n, dtype=np.int32)
         self.free_lists = [set() for _ in range(MAX_ORDER + 1)]
         self.flags[ZERO_PFN] = F_ALLOC | F_RESERVED
         self.refcount[ZERO_PFN] = 1
@@ -99,7 +104,8 @@ class PhysMem:
     # ------------------------------------------------------------------ buddy
     def _add_block(self, start: int, order: int) -> None:
         self.free_lists[order].add(start >> order)
-        self.free_order[start] = order + 1
+        if order < MAX_ORDER:
+            self.free_order[start] = order + 1
         self.nr_free += 1 << order
 
     def _add_free_range(self, lo: int, hi: int) -> None:
@@ -112,16 +118,24 @@ class PhysMem:
             lo += 1 << order
 
     def _pop_blocks(self, order: int, n: int) -> I64:
+        """Take ``n`` free blocks of ``order``: the lowest ones, so that bulk allocations
+        come out physically contiguous; from a long list of scattered blocks, any ``n`` of
+        them (choosing would cost more than the allocation)."""
         blocks = self.free_lists[order]
         if n >= len(blocks):
             arr = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
             blocks.clear()
+        elif len(blocks) <= _CHOOSE_MAX or 16 * n >= len(blocks):
+            every = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+            arr = np.partition(every, n - 1)[:n]
+            blocks.difference_update(arr.tolist())
         else:
             arr = np.fromiter(itertools.islice(blocks, n), dtype=np.int64, count=n)
             blocks.difference_update(arr.tolist())
         arr.sort()
         arr <<= order
-        self.free_order[arr] = 0
+        if order < MAX_ORDER:
+            self.free_order[arr] = 0
         self.nr_free -= len(arr) << order
         return arr
 
@@ -129,11 +143,13 @@ class PhysMem:
         """How many blocks of ``order`` could be allocated now."""
         return sum(len(self.free_lists[j]) << (j - order) for j in range(order, MAX_ORDER + 1))
 
-    def alloc(self, order: int, n: int = 1) -> I64:
+    def alloc(self, order: int, n: int = 1, top: bool = False) -> I64:
         """Allocate ``n`` blocks of ``order`` (lowest orders first, splitting larger blocks).
 
         Mirrors: mm/page_alloc.c __rmqueue_smallest / expand.  Raises OutOfMemory, changing
-        nothing, when the request cannot be met in full.
+        nothing, when the request cannot be met in full.  Blocks come from the bottom of
+        physical memory, or with ``top`` from its top (page tables: which PFNs a page gets
+        is not kernel semantics, and keeping tables apart keeps user memory contiguous).
         """
         if n <= 0:
             return np.zeros(0, dtype=np.int64)
@@ -147,6 +163,12 @@ class PhysMem:
                 f"out of memory: need {n} blocks of order {order}, "
                 f"{self.nr_free} pages free (largest orders exhausted)"
             )
+        if top:
+            return self._alloc_top(order, n)
+        if n >= _BULK:
+            bulk = self._alloc_low(order, n)
+            if bulk is not None:
+                return bulk
         out: list[I64] = []
         remaining = n
         for j in range(order, MAX_ORDER + 1):
@@ -161,10 +183,62 @@ class PhysMem:
             use = subs[:remaining]
             out.append(use)
             remaining -= len(use)
-            if len(subs) > len(use):
+            if len(subs) > len(use):  # the unused part of the split block goes back
                 self._add_free_range(int(subs[len(use)]), int(blocks[-1]) + (1 << j))
             if remaining == 0:
                 break
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _alloc_low(self, order: int, n: int) -> I64 | None:
+        """A bulk alloc in address order: the lowest free blocks first, split as needed, so
+        that what a big populate gets is as contiguous as free memory allows.  None when
+        there are too many free blocks to sort (fragmented memory: contiguity is lost)."""
+        lists = [(j, self.free_lists[j]) for j in range(order, MAX_ORDER + 1) if self.free_lists[j]]
+        if sum(len(b) for _, b in lists) > 4 * _CHOOSE_MAX:
+            return None
+        start = np.concatenate([np.fromiter(b, np.int64, len(b)) << j for j, b in lists])
+        orders = np.concatenate([np.full(len(b), j, np.int64) for j, b in lists])
+        o = np.argsort(start)
+        start, orders = start[o], orders[o]
+        pieces = np.int64(1) << (orders - order)
+        cum = np.cumsum(pieces)
+        k = int(np.searchsorted(cum, n)) + 1  # blocks used, the last one maybe in part
+        start, orders, pieces = start[:k], orders[:k], pieces[:k].copy()
+        for j in np.unique(orders).tolist():
+            self.free_lists[j].difference_update((start[orders == j] >> j).tolist())
+        self.free_order[start[orders < MAX_ORDER]] = 0
+        self.nr_free -= int((np.int64(1) << orders).sum())
+        spare = int(cum[k - 1]) - n
+        if spare:  # the top of the last block goes back
+            pieces[-1] -= spare
+            end = int(start[-1]) + (1 << int(orders[-1]))
+            self._add_free_range(end - (spare << order), end)
+        heads, off = expand_runs(start, pieces)
+        return heads + (off << order) - off
+
+    def _alloc_top(self, order: int, n: int) -> I64:
+        """alloc from the top: split the highest free block, again while more are needed."""
+        out: list[I64] = []
+        remaining = n
+        while remaining:
+            best_j, best = -1, -1
+            for j in range(order, MAX_ORDER + 1):
+                blocks = self.free_lists[j]
+                if blocks:
+                    b = (max(blocks) if len(blocks) <= _CHOOSE_MAX else next(iter(blocks))) << j
+                    if b > best:
+                        best_j, best = j, b
+            self.free_lists[best_j].remove(best >> best_j)
+            if best_j < MAX_ORDER:
+                self.free_order[best] = 0
+            self.nr_free -= 1 << best_j
+            per = 1 << (best_j - order)
+            take = min(per, remaining)
+            lo = best + ((per - take) << order)
+            out.append(np.arange(lo, best + (1 << best_j), 1 << order, dtype=np.int64))
+            if take < per:  # the rest of the block goes back
+                self._add_free_range(best, lo)
+            remaining -= take
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def free_blocks(self, starts: I64, order: int) -> None:
@@ -197,15 +271,17 @@ class PhysMem:
     def _add_blocks(self, starts: I64, order: int) -> None:
         if len(starts):
             self.free_lists[order].update((starts >> order).tolist())
-            self.free_order[starts] = order + 1
+            if order < MAX_ORDER:
+                self.free_order[starts] = order + 1
             self.nr_free += len(starts) << order
 
     # ------------------------------------------------------------------ folios
-    def new_folios(self, order: int, n: int, flags: np.uint8) -> I64:
-        """Allocate ``n`` folios of ``order`` with refcount 1 and zeroed contents."""
+    def new_folios(self, order: int, n: int, flags: np.uint8, top: bool = False) -> I64:
+        """Allocate ``n`` folios of ``order`` with refcount 1 and zeroed contents (``top``:
+        from the top of memory, see :meth:`alloc`)."""
         if order == 1:
             raise ValueError("order-1 folios are not supported: large folios have order >= 2")
-        heads = self.alloc(order, n)
+        heads = self.alloc(order, n, top)
         nr = 1 << order
         if len(heads) and (len(heads) == 1 or bool((np.diff(heads) == nr).all())):
             # one physically contiguous run (the usual bulk case): slices, not scatters
@@ -235,7 +311,7 @@ class PhysMem:
         """``arr[idx] += val`` where ``idx`` may repeat (like np.add.at, much faster).
 
         Adjacent repeats (pages of one folio in address order) are summed first; indices
-        that are then strictly increasing are unique; others are checked with a scratch array.
+        that are then strictly increasing are unique; others go through np.add.at.
         """
         idx = np.asarray(idx)
         if not len(idx):
@@ -254,12 +330,7 @@ class PhysMem:
                 if len(idx) == 1 or (np.diff(idx) > 0).all():
                     arr[idx] += val
                     return
-        pos = np.arange(len(idx), dtype=np.int32)
-        self._scratch[idx] = pos
-        if (self._scratch[idx] != pos).any():
-            np.add.at(arr, idx, val)
-        else:
-            arr[idx] += val
+        np.add.at(arr, idx, val)
 
     def ref_sub_and_free(self, heads: Idx, nr: Idx | int) -> NDArray[np.int8]:
         """Mirrors: folio_ref_sub / folio_put; frees folios whose refcount reaches 0.

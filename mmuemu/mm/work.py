@@ -48,12 +48,18 @@ class Ops:
         """Count ``count`` (an int or an array matching ``items``) operations ``name``."""
         if isinstance(count, np.ndarray):
             total = int(count.sum())
+            if total == len(count) and total and bool((count == 1).all()):
+                count = 1  # one each: keep no array
         else:
             total = int(count)  # type: ignore[call-overload]
             if items is not None and not np.isscalar(items):
                 total *= len(items)  # type: ignore[arg-type]
         if total == 0:
             return
+        if (isinstance(items, np.ndarray) and items.ndim == 1 and len(items) == self.n_items > 1
+                and int(items[0]) == 0 and int(items[-1]) == self.n_items - 1
+                and bool((items[1:] > items[:-1]).all())):
+            items = _ALL  # every item, in order: keep no array (big paths hold many Works)
         self.totals[name] = self.totals.get(name, 0) + total
         self._parts.setdefault(name, []).append((count, items))
 
@@ -82,7 +88,7 @@ class Ops:
         out = np.zeros(self.n_items, dtype=np.int64)
         for count, items in self._parts.get(name, ()):
             if items is _ALL:
-                out += int(count)  # type: ignore[call-overload]
+                out += count if isinstance(count, np.ndarray) else int(count)  # type: ignore[call-overload]
                 continue
             if callable(items):
                 items = items()
