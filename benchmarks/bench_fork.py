@@ -396,6 +396,14 @@ _MEM_PROBE = textwrap.dedent("""
         raise RuntimeError("no " + key)
 
     import mmuemu
+    # warm-up on a small machine first, so that the baseline already holds the code pages
+    # of numpy and mmuemu and the modules a Machine loads: they are not per emulated page
+    w = mmuemu.Machine(arch="x86_64", memory="64MiB")
+    wp = w.spawn()
+    wa = wp.mmap(8 << 20, prot="rw", align=2 << 20)
+    wp.populate(wa, 8 << 20, write=True)
+    wp.fork().exit()
+    del w, wp
     gc.collect()
     r0 = rss()
     m = mmuemu.Machine(arch="x86_64", memory="4GiB")

@@ -74,7 +74,7 @@ def test_first_fork_clears_every_anon_exclusive(mode: str, order: int) -> None:
     """The first fork clears AnonExclusive on every page and counts each clear once; a
     second fork finds none left to clear."""
     m = mmuemu.Machine(arch="x86_64", memory="256MiB", fork_mode=mode)
-    p, a = populated(m, 8 * MiB, order)
+    p, _ = populated(m, 8 * MiB, order)
     with m.measure() as first:
         p.fork()
     with m.measure() as second:

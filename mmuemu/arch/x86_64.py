@@ -110,34 +110,53 @@ class X86_64(Arch):
         return (pte & SOFT_DIRTY) != 0
 
     @staticmethod
-    def _mksaveddirty(pte: U64) -> U64:
-        """Mirrors: pte_mksaveddirty: on a Write=0 entry, move Dirty into SavedDirty."""
-        # cond is DIRTY when RW is clear: bit 1 (RW) shifted to bit 6 (Dirty), inverted
-        cond = ~(pte << np.uint64(5)) & DIRTY
-        dirty = pte & cond
-        return (pte & ~dirty) | (dirty << np.uint64(52))
+    def _mksaveddirty(pte: U64, fresh: bool = False) -> U64:
+        """Mirrors: pte_mksaveddirty: on a Write=0 entry, move Dirty into SavedDirty.
+        (``fresh``: ``pte`` is a temporary that may be changed in place.)"""
+        if np.ndim(pte) == 0:
+            cond = ~(pte << np.uint64(5)) & DIRTY
+            d = pte & cond
+            return (pte & ~d) | (d << np.uint64(52))  # type: ignore[no-any-return]
+        out = pte if fresh else pte.copy()
+        # Dirty where RW is clear: bit 1 (RW) shifted to bit 6 (Dirty), inverted
+        dirty = np.left_shift(out, np.uint64(5))
+        np.invert(dirty, out=dirty)
+        dirty &= DIRTY
+        dirty &= out
+        out ^= dirty  # (those Dirty bits are set: clear them)
+        dirty <<= np.uint64(52)
+        out |= dirty
+        return out
 
     @staticmethod
-    def _clear_saveddirty(pte: U64) -> U64:
+    def _clear_saveddirty(pte: U64, fresh: bool = False) -> U64:
         """Mirrors: pte_clear_saveddirty: on a Write=1 entry, move SavedDirty into Dirty."""
-        cond = (pte << np.uint64(57)) & SAVED_DIRTY  # RW (bit 1) moved to bit 58
-        saved = pte & cond
-        return (pte & ~saved) | (saved >> np.uint64(52))
+        if np.ndim(pte) == 0:
+            sv = pte & ((pte << np.uint64(57)) & SAVED_DIRTY)
+            return (pte & ~sv) | (sv >> np.uint64(52))  # type: ignore[no-any-return]
+        out = pte if fresh else pte.copy()
+        saved = np.left_shift(out, np.uint64(57))  # RW (bit 1) moved to bit 58
+        saved &= SAVED_DIRTY
+        saved &= out
+        out ^= saved
+        saved >>= np.uint64(52)
+        out |= saved
+        return out
 
     def pte_wrprotect(self, pte: U64) -> U64:
         """Mirrors: pte_wrprotect: clear RW, Dirty moves to SavedDirty."""
-        return self._mksaveddirty(pte & ~RW)
+        return self._mksaveddirty(pte & ~RW, fresh=True)
 
     def pte_mkwrite(self, pte: U64) -> U64:
         """Mirrors: pte_mkwrite_novma: set RW, SavedDirty moves back to Dirty."""
-        return self._clear_saveddirty(pte | RW)
+        return self._clear_saveddirty(pte | RW, fresh=True)
 
     def pte_mkclean(self, pte: U64) -> U64:
         return pte & ~(DIRTY | SAVED_DIRTY)
 
     def pte_mkdirty(self, pte: U64) -> U64:
         """Mirrors: pte_mkdirty: Dirty and SoftDirty, kept as SavedDirty on Write=0 entries."""
-        return self._mksaveddirty(pte | DIRTY | SOFT_DIRTY)
+        return self._mksaveddirty(pte | DIRTY | SOFT_DIRTY, fresh=True)
 
     def pte_hw_access(self, pte: U64, write: bool) -> U64:
         """The page walker sets A, and D on a store through a writable entry (no soft-dirty)."""

@@ -20,7 +20,7 @@ from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
 from mmuemu.mm.progress import checkpoint_count, checkpoints
 from mmuemu.mm.vma import Vma, VmFlag
-from mmuemu.mm.work import Ops, Work
+from mmuemu.mm.work import ALL, Ops, Work
 from mmuemu.runs import Rows, as_span, expand_runs, flat_index
 
 __all__ = ["PtePlan", "plan_ptes"]
@@ -197,10 +197,11 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     # ---- dup items: present and not copied
     i_norm = at(e.normal)
     ent_off: I64 | None = None  # offsets of entries in their items, when expanded
-    if e.all_normal and is_copy is None:  # the usual case: every item is a normal dup
+    every = e.all_normal and is_copy is None  # the usual case: every item is a normal dup
+    if every:
         di = np.arange(n_items, dtype=np.int64)
         d_start = di if starts is None else starts
-        d_nr = np.ones(n_items, np.int64) if nr is None else nr
+        d_nr = np.broadcast_to(np.int64(1), (n_items,)) if nr is None else nr
         dense = all_norm = True
         ent = d_start if singles else np.zeros(0, np.int64)
     else:
@@ -262,15 +263,16 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ops.add_each("folio_ref_ops")
         ops.add_each("mapcount_ops")
     else:
-        ops.add("folio_ref_ops", 1, ni)
-        ops.add("mapcount_ops", ni_nr, ni)
+        ops.add("folio_ref_ops", 1, ALL if every else ni)
+        ops.add("mapcount_ops", ni_nr, ALL if every else ni)
     # AnonExclusive cleared on every page that had it
     ae_n = e.ae if dense else e.ae[ent_n]
     if ae_n.any():
         if singles:
             ops.add("anon_exclusive_clears", 1, ni[ae_n])
         else:
-            ops.add("anon_exclusive_clears", np.add.reduceat(E(e.ae).astype(np.int64), offsets()), di)
+            ops.add("anon_exclusive_clears", np.add.reduceat(E(e.ae).astype(np.int64), offsets()),
+                    ALL if every else di)
         # last: with ``span``, e.ae is a view of the array cleared here
         ph.anon_exclusive[span if span is not None else pfn_n[ae_n]] = False
     # rss of the child
@@ -292,37 +294,39 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
             pte[mk] = a.pte_mkwrite(pte[mk])
             write = any_w
     whole = dense and isinstance(p_sel, Rows)  # the runs are whole tables, in order
+    # whole tables of uniform batches: the child's entries are the parent's (write-protected
+    # below where they were writable) with the child's changes, which leave the PFN alone,
+    # so they are made entry by entry from the parent's table rows
+    elementwise = whole and uniform
+    items = ALL if every else di
     if src.is_cow and write.any():
         if write.all():
             a.wrprotect_ptes(parent, flat, p_sel if whole and singles else flat_index(p_sel, d_start), d_nr,
-                             ops, di, expanded=p_sel if whole else (None if singles else P()[ent] if len(ent) else P()))
-            pte = a.pte_wrprotect(pte)
+                             ops, items,
+                             expanded=p_sel if whole else (None if singles else P()[ent] if len(ent) else P()))
+            if not elementwise:
+                pte = a.pte_wrprotect(pte)
         else:
             wi = np.flatnonzero(write)
             a.wrprotect_ptes(parent, flat, flat_index(p_sel, d_start[wi]), d_nr[wi], ops, di[wi])
-            pte = np.where(write, a.pte_wrprotect(pte), pte)
+            if not elementwise:
+                pte = np.where(write, a.pte_wrprotect(pte), pte)
+    if elementwise:
+        assert isinstance(p_sel, Rows)
+        pte = p_sel.get(flat)
     if src.flags & VmFlag.SHARED:
         pte = a.pte_mkclean(pte)
     pte = a.pte_mkold(pte)
     if not dst.flags & VmFlag.UFFD_WP:
         pte = a.pte_clear_uffd_wp(pte)
     if singles:
-        a.set_ptes(child, flat, c_sel if whole else flat_index(c_sel, d_start), pte, d_nr, ops, di)
-    elif uniform and whole:
-        # entry by entry: the parent's entries (write-protected above where they were
-        # writable) with the child's changes, which leave the PFN field alone
-        assert isinstance(p_sel, Rows)
-        cv = p_sel.get(flat)
-        if src.flags & VmFlag.SHARED:
-            cv = a.pte_mkclean(cv)
-        cv = a.pte_mkold(cv)
-        if not dst.flags & VmFlag.UFFD_WP:
-            cv = a.pte_clear_uffd_wp(cv)
-        a.set_ptes(child, flat, flat_index(c_sel, d_start), pte, d_nr, ops, di, expanded=(c_sel, None),
-                   values=cv)
+        a.set_ptes(child, flat, c_sel if whole else flat_index(c_sel, d_start), pte, d_nr, ops, items)
+    elif elementwise:
+        a.set_ptes(child, flat, flat_index(c_sel, d_start), pte[d_start], d_nr, ops, items,
+                   expanded=(c_sel, None), values=pte)
     else:
         c_ent = c_sel if whole else (C()[ent] if len(ent) else C())
-        a.set_ptes(child, flat, flat_index(c_sel, d_start), pte, d_nr, ops, di,
+        a.set_ptes(child, flat, flat_index(c_sel, d_start), pte, d_nr, ops, items,
                    expanded=(c_ent, ent_off))
 
     # ---- pinned exclusive pages: copy_present_page into the preallocated pages
@@ -374,7 +378,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ops.add("pte_reads", more.astype(np.int64), bi)
         ops.add("fork_batched_ptes", b_nr, bi)
     present_items = di if is_copy is None else np.flatnonzero(dup | is_copy)
-    ops.add("fork_batches", 1, present_items)
+    ops.add("fork_batches", 1, ALL if every else present_items)
     n_present = len(present_items)
     if n_present == n_items and (mode == "legacy" or nr is None):
         inc: I64 | int = 8

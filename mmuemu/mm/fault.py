@@ -99,8 +99,8 @@ def fault_range(k: Kernel, mm: Mm, start: int, end: int, *, write: bool,
 
 
 #: address space planned at once by a large fault_range that cannot fail half-way (bounds
-#: the temporaries: a 1 GiB populate holds about 2 MiB of them instead of 50)
-FAULT_CHUNK = 32 << 20
+#: the temporaries: a 1 GiB populate holds about 3 MiB of them instead of 30)
+FAULT_CHUNK = 64 << 20
 
 
 def _can_split(k: Kernel, vmas: list[Vma], start: int, end: int) -> bool:

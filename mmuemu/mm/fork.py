@@ -78,10 +78,8 @@ def dup_mmap(k: Kernel, parent: Mm, mode: str | None = None) -> Generator[Work, 
     except OutOfMemory:
         _discard(k, child, copies)
         raise
-    for c in copies:
-        c.commit(k, parent, child)
-    for c in copies:
-        for work in c.works:  # noqa: UP028 (a runner answers each yield with send())
+    for c in copies:  # each chunk's Work goes to the runner as soon as it is written
+        for work in c.commit(k, parent, child):  # noqa: UP028 (a runner answers with send())
             yield work
     ops = Ops()
     k.arch.flush_tlb_mm(parent, ops, k.cpu)
@@ -111,9 +109,16 @@ class _VmaCopy:
     copy_pages: I64
     deposit_rows: I64
 
-    def commit(self, k: Kernel, parent: Mm, child: Mm) -> None:
-        for step in self.commit_steps:
-            step()
+    def commit(self, k: Kernel, parent: Mm, child: Mm) -> Generator[Work, Any, None]:
+        """Write the copy, handing over the Works as they are made (and keeping none)."""
+        steps, self.commit_steps = self.commit_steps, []  # (the steps refer to self)
+        for step in steps:
+            yield from step()
+        yield from self.drain()
+
+    def drain(self) -> Generator[Work, Any, None]:
+        works, self.works = self.works, []
+        yield from works
 
 
 def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -> _VmaCopy:
@@ -215,7 +220,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
                 copy.deposit_rows = np.zeros(0, np.int64)
             raise
 
-    def commit() -> None:
+    def commit() -> Generator[Work, Any, None]:
         if len(split):
             split_ops = Ops()
             split_huge_pmds(k, parent, pflat[split], split_ops)
@@ -230,6 +235,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
             plan.commit(k, parent, child, pidx, cidx, copy.copy_pages[done : done + n_copy], copy.works,
                         fresh[chunk])
             done += n_copy
+            yield from copy.drain()
 
     if child_rows:
         upper = Ops()

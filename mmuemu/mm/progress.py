@@ -8,6 +8,8 @@ at least 32 resets it and checks ``need_resched()`` / ``spin_needbreak()``.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -21,8 +23,10 @@ def checkpoint_count(inc: I64 | int, sections: I64, n: int) -> int | None:
     """How many checkpoints, when every item adds the same ``inc`` (else None)."""
     if not isinstance(inc, int):
         return None
-    lens = np.diff(np.append(sections, n))
-    return int(((lens - 1) // -(-RESCHED_PROGRESS // inc)).clip(min=0).sum())
+    k = -(-RESCHED_PROGRESS // inc)  # a check every k items
+    bounds = sections.tolist()
+    bounds.append(n)
+    return sum(max(0, (b - a - 1) // k) for a, b in itertools.pairwise(bounds))
 
 
 def checkpoints(inc: I64 | int, sections: I64, n: int | None = None) -> I64:

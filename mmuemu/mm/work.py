@@ -17,10 +17,12 @@ import numpy as np
 from attrs import define, field, frozen
 from numpy.typing import NDArray
 
-__all__ = ["Break", "Ops", "Work"]
+__all__ = ["ALL", "Break", "Ops", "Work"]
 
 
-_ALL = object()  # items marker: every item
+_ALL = object()
+#: items marker for :meth:`Ops.add`: every item of the Ops, in order
+ALL = _ALL
 
 
 class Ops:
@@ -45,21 +47,20 @@ class Ops:
             self._parts.setdefault(name, []).append((count, _ALL))
 
     def add(self, name: str, count: object, items: object = None) -> None:
-        """Count ``count`` (an int or an array matching ``items``) operations ``name``."""
+        """Count ``count`` (an int or an array matching ``items``) operations ``name``;
+        ``items`` may be :data:`ALL`."""
+        if isinstance(count, np.ndarray) and count.ndim == 1 and count.strides[0] == 0 and len(count):
+            count = int(count[0])  # a broadcast scalar: keep no array
         if isinstance(count, np.ndarray):
             total = int(count.sum())
-            if total == len(count) and total and bool((count == 1).all()):
-                count = 1  # one each: keep no array
         else:
             total = int(count)  # type: ignore[call-overload]
-            if items is not None and not np.isscalar(items):
+            if items is _ALL:
+                total *= self.n_items
+            elif items is not None and not np.isscalar(items):
                 total *= len(items)  # type: ignore[arg-type]
         if total == 0:
             return
-        if (isinstance(items, np.ndarray) and items.ndim == 1 and len(items) == self.n_items > 1
-                and int(items[0]) == 0 and int(items[-1]) == self.n_items - 1
-                and bool((items[1:] > items[:-1]).all())):
-            items = _ALL  # every item, in order: keep no array (big paths hold many Works)
         self.totals[name] = self.totals.get(name, 0) + total
         self._parts.setdefault(name, []).append((count, items))
 
