@@ -473,23 +473,52 @@ def memory_row(timeout: float) -> Row:
 def linearity_rows(
     mmuemu: Any, sizes_gib: list[int], repeat: int, budget: float, kernel_ms: float | None
 ) -> list[Row]:
+    """Fork time per PTE at each size. All sizes are built first and then forked in rounds,
+    one fork of each size per round, so that a change in the host's load during the run
+    falls on every size alike instead of on whichever size was being measured."""
     rows: list[Row] = []
     per_pte: dict[int, float] = {}
+    built: dict[int, Any] = {}
+    samples: dict[int, list[float]] = {g: [] for g in sizes_gib}
+    cpu: dict[int, list[tuple[float, float, float]]] = {g: [] for g in sizes_gib}
+    errors: dict[int, Exception] = {}
+    for g in sizes_gib:
+        try:
+            m, p, _ = _build(mmuemu, g * GIB, [0], memory=f"{g + 2}GiB")
+            p.fork().exit()  # untimed warm-up: the first fork also clears AnonExclusive
+            built[g] = (m, p)
+        except Exception as e:
+            errors[g] = e
+    spent = 0.0
+    for _ in range(repeat):
+        for g, (_m, p) in built.items():
+            gc.collect()
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            child = p.fork()
+            t1 = time.perf_counter()
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            child.exit()
+            samples[g].append((t1 - t0) * 1e3)
+            cpu[g].append(((r1.ru_utime - r0.ru_utime) * 1e3, (r1.ru_stime - r0.ru_stime) * 1e3,
+                           float(r1.ru_minflt - r0.ru_minflt)))
+            spent += t1 - t0
+        if spent > budget * max(1, len(built)):
+            break
+    built.clear()
+    gc.collect()
     for g in sizes_gib:
         size = g * GIB
-        r = fork_row(
-            mmuemu,
-            f"8@{g}GiB",
-            f"fork {g} GiB order-0 (ns/PTE in ratio col)",
-            None,
-            None,
-            repeat,
-            budget,
-            size=size,
-            orders=[0],
-            memory=f"{g + 2}GiB",
-        )
-        if r.status != "ERROR" and r.emu is not None:
+        r = Row(f"8@{g}GiB", f"fork {g} GiB order-0 (ns/PTE in ratio col)")
+        if g in errors:
+            _err(r, errors[g])
+        else:
+            r.samples = samples[g]
+            r.runs = len(samples[g])
+            r.emu = statistics.median(samples[g])
+            r.cpu = {k: statistics.median(c[i] for c in cpu[g])
+                     for i, k in enumerate(("user_ms", "sys_ms", "minflt"))}
+            r.note = _cpu_note(r.cpu)
             ns = r.emu * 1e6 / (size // PAGE)
             per_pte[g] = ns
             r.metric = ns

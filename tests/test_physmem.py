@@ -45,3 +45,61 @@ def test_scatter_add_with_repeats() -> None:
     idx = np.array([5, 5, 5, 9, 3, 9, 5])
     ph.scatter_add(arr, idx, 2)
     assert arr[5] == 8 and arr[9] == 4 and arr[3] == 2 and arr.sum() == 14
+
+
+def test_bulk_allocations_are_contiguous_and_tables_come_from_the_top() -> None:
+    """A big populate gets one physical run, even on a reused machine; page tables sit at
+    the top of memory, away from it."""
+    import mmuemu
+    from mmuemu.mm.gup import follow_range
+
+    m = mmuemu.Machine(arch="x86_64", memory="512MiB")
+    for _ in range(2):
+        p = m.spawn()
+        a = p.mmap(256 << 20, prot="rw", align=2 << 20)
+        p.populate(a, 256 << 20)
+        pfn, present, _ = follow_range(m.kernel, p.mm, a, a + (256 << 20))
+        assert present.all() and (np.diff(pfn) == 1).all()
+        pt = m.kernel.pt
+        tables = pt.row_pfn[pt.row_level >= 0]
+        assert tables.min() > pfn.max()
+        p.fork().exit()
+        p.exit()
+        m.check()
+
+
+def test_alloc_top_and_low_give_back_the_rest() -> None:
+    ph = PhysMem(1 << 14)
+    free = ph.nr_free
+    low = ph.alloc(0, 100)
+    top = ph.alloc(0, 3, top=True)
+    assert (np.diff(low) == 1).all() and low[0] == 1
+    assert list(top) == [(1 << 14) - 3, (1 << 14) - 2, (1 << 14) - 1]
+    assert ph.nr_free == free - 103
+    ph.free_blocks(low, 0)
+    ph.free_blocks(top, 0)
+    assert ph.nr_free == free
+    assert [len(s) for s in ph.free_lists][MAX_ORDER] == (1 << 14) // (1 << MAX_ORDER) - 1
+
+
+def test_order_one_folios_are_refused() -> None:
+    ph = PhysMem(1 << 12)
+    with pytest.raises(ValueError, match="order-1"):
+        ph.new_folios(1, 1, F_ANON)
+
+
+def test_check_finds_a_free_table_with_entries() -> None:
+    import mmuemu
+
+    m = mmuemu.Machine(arch="x86_64", memory="64MiB")
+    p = m.spawn()
+    a = p.mmap(4 << 20, prot="rw")
+    p.populate(a, 4 << 20)
+    p.munmap(a, 4 << 20)
+    m.check()
+    pt = m.kernel.pt
+    free = np.flatnonzero(pt.row_level[: pt.rows_touched] < 0)
+    assert len(free)
+    pt.entries[free[0], 7] = 1
+    with pytest.raises(mmuemu.InvariantError, match="free but holds entries"):
+        m.check()

@@ -72,6 +72,11 @@ def check(k: Kernel) -> None:
         r = int(wrong[0])
         raise InvariantError(f"page-table row {r} (pfn {int(pt.row_pfn[r])}) is referenced "
                              f"{int(table_refs[r])} times (leaked or shared)")
+    # free tables are empty (alloc hands them out without clearing them)
+    free = np.flatnonzero(pt.row_level[: pt.rows_touched] < 0)
+    dirty = free[pt.entries[free].any(axis=1)] if len(free) else free
+    if len(dirty):
+        raise InvariantError(f"page-table row {int(dirty[0])} is free but holds entries")
     _check_counts(k, pte_map, pmd_map)
     _check_buddy(k)
 

@@ -51,6 +51,8 @@ class PageTables:
     #: a stack of free rows (the top, ``free_rows[nr_free_rows - 1]``, is taken first)
     free_rows: I64 = field(init=False, factory=lambda: np.zeros(0, np.int64))
     nr_free_rows: int = field(init=False, default=0)
+    #: rows below this have been used (above it the pool was never written)
+    rows_touched: int = field(init=False, default=0)
     pfn_row: NDArray[np.int32] = field(init=False)  # row + 1 of a table page's PFN
 
     def __attrs_post_init__(self) -> None:
@@ -97,14 +99,15 @@ class PageTables:
         top = self.nr_free_rows
         rows = self.free_rows[top - n : top][::-1].copy()  # as n pops
         self.nr_free_rows = top - n
-        self.entries[rows] = 0
+        # free rows are all zero (a table is freed empty), so nothing to clear
+        self.rows_touched = max(self.rows_touched, int(rows.max()) + 1)
         self.row_pfn[rows] = pfns
         self.row_level[rows] = level
         self.pfn_row[pfns] = rows + 1
         return rows
 
     def free(self, rows: I64) -> None:
-        """Mirrors: pte_free / pmd_free: give table pages back."""
+        """Mirrors: pte_free / pmd_free: give table pages back (they must be empty)."""
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return
@@ -278,5 +281,7 @@ class PageTables:
     def free_tree(self, pgd_row: int) -> None:
         """Mirrors: free_pgtables + pgd_free at exit: every table of the tree goes back."""
         levels, _, _, _ = self.walk(pgd_row)
+        upper = np.concatenate(levels[:-1])
+        self.entries[upper] = 0  # (PTE tables are empty already: exit zapped them)
         self.free(np.concatenate(levels))
 

@@ -76,6 +76,8 @@ class PhysMem:
     #: free blocks per order, as block numbers (start PFN >> order): small consecutive ints
     #: iterate in ascending order from a set, so bulk allocations come out contiguous
     free_lists: list[set[int]] = field(init=False)
+    #: highest block number per order, while its free list is unchanged
+    _max_cache: dict[int, int] = field(init=False, factory=dict)
     nr_free: int = field(init=False, default=0)
     #: allocation-failure injection: number of allocation calls left before one fails
     fail_countdown: int | None = field(init=False, default=None)
@@ -104,6 +106,7 @@ class PhysMem:
     # ------------------------------------------------------------------ buddy
     def _add_block(self, start: int, order: int) -> None:
         self.free_lists[order].add(start >> order)
+        self._max_cache.pop(order, None)
         if order < MAX_ORDER:
             self.free_order[start] = order + 1
         self.nr_free += 1 << order
@@ -122,6 +125,7 @@ class PhysMem:
         come out physically contiguous; from a long list of scattered blocks, any ``n`` of
         them (choosing would cost more than the allocation)."""
         blocks = self.free_lists[order]
+        self._max_cache.pop(order, None)
         if n >= len(blocks):
             arr = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
             blocks.clear()
@@ -206,6 +210,7 @@ class PhysMem:
         start, orders, pieces = start[:k], orders[:k], pieces[:k].copy()
         for j in np.unique(orders).tolist():
             self.free_lists[j].difference_update((start[orders == j] >> j).tolist())
+            self._max_cache.pop(j, None)
         self.free_order[start[orders < MAX_ORDER]] = 0
         self.nr_free -= int((np.int64(1) << orders).sum())
         spare = int(cum[k - 1]) - n
@@ -216,6 +221,16 @@ class PhysMem:
         heads, off = expand_runs(start, pieces)
         return heads + (off << order) - off
 
+    def _highest(self, order: int) -> int:
+        """The highest free block number of ``order`` (cached until the list changes; from a
+        very long list, any block)."""
+        b = self._max_cache.get(order)
+        if b is None:
+            blocks = self.free_lists[order]
+            b = max(blocks) if len(blocks) <= _CHOOSE_MAX else next(iter(blocks))
+            self._max_cache[order] = b
+        return b
+
     def _alloc_top(self, order: int, n: int) -> I64:
         """alloc from the top: split the highest free block, again while more are needed."""
         out: list[I64] = []
@@ -225,10 +240,11 @@ class PhysMem:
             for j in range(order, MAX_ORDER + 1):
                 blocks = self.free_lists[j]
                 if blocks:
-                    b = (max(blocks) if len(blocks) <= _CHOOSE_MAX else next(iter(blocks))) << j
+                    b = self._highest(j) << j
                     if b > best:
                         best_j, best = j, b
             self.free_lists[best_j].remove(best >> best_j)
+            self._max_cache.pop(best_j, None)
             if best_j < MAX_ORDER:
                 self.free_order[best] = 0
             self.nr_free -= 1 << best_j
@@ -263,6 +279,7 @@ class PhysMem:
             pre = budc[in_lists]
             if len(pre):
                 self.free_lists[k].difference_update((pre >> k).tolist())
+                self._max_cache.pop(k, None)
                 self.free_order[pre] = 0
                 self.nr_free -= len(pre) << k
             starts = np.unique(np.minimum(starts[merge], budc[merge]))
@@ -271,6 +288,7 @@ class PhysMem:
     def _add_blocks(self, starts: I64, order: int) -> None:
         if len(starts):
             self.free_lists[order].update((starts >> order).tolist())
+            self._max_cache.pop(order, None)
             if order < MAX_ORDER:
                 self.free_order[starts] = order + 1
             self.nr_free += len(starts) << order
