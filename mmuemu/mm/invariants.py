@@ -208,5 +208,7 @@ def _check_buddy(k: Kernel) -> None:
             pages = (blocks[:, None] + np.arange(1 << order)[None, :]).ravel()
             if (ph.head[pages] != 0).any() or (ph.flags[pages] & F_ALLOC).any():
                 raise InvariantError(f"buddy: a free block of order {order} overlaps an allocated folio")
+            if (ph.token[pages] != 0).any():
+                raise InvariantError(f"buddy: a free block of order {order} holds page contents")
     if total != ph.nr_free:
         raise InvariantError(f"buddy: free lists hold {total} pages but nr_free says {ph.nr_free}")

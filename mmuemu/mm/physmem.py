@@ -315,9 +315,9 @@ class PhysMem:
             else:
                 pages = heads
                 self.head[pages] = pages
-        # mapcounts, pin count and AnonExclusive are zero on every free page (freeing
-        # guarantees it), so they are not written here: untouched arrays cost no host memory
-        self.token[pages] = 0
+        # contents (token), mapcounts, pin count and AnonExclusive are zero on every free
+        # page (freeing guarantees it), so they are not written here: untouched arrays cost
+        # no host memory, and a page whose content is never set never costs its token
         if order:
             self.order[pages] = order
             self.flags[pages] = flags
@@ -378,6 +378,9 @@ class PhysMem:
             self.head[pages] = 0
             self.anon_exclusive[pages] = False
             self.flags[pages] = 0
+            written = pages[self.token[pages] != 0]  # (reading leaves untouched memory alone)
+            if len(written):
+                self.token[written] = 0
             if order:  # only after a bug; keeps the "zero when free" promise
                 for arr in (self.pincount, self.entire_mapcount, self.large_mapcount):
                     if arr[hs].any():
