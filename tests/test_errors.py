@@ -115,3 +115,13 @@ def test_mprotect_same_flags_is_a_no_op(m: mmuemu.Machine) -> None:
         p.mprotect(a + MiB // 2, MiB // 2, "r")
     assert t.counts["pte_clears"] == 128
     m.check()
+
+
+@pytest.mark.parametrize(("arch", "opts", "needle"), [
+    ("x86_64", {"kpti": True}, "'kpti'"),
+    ("arm64", {"contpte_fold": True}, "'contpte_fold'"),
+    ("arm64", {"hafdbs": "yes"}, "'hafdbs'"),
+])
+def test_unknown_or_bad_arch_options(arch: str, opts: dict[str, object], needle: str) -> None:
+    with pytest.raises(mmuemu.InvalidArgument, match=needle):
+        mmuemu.Machine(arch=arch, memory="64MiB", **opts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmuemu.arch.arm64 import Arm64
 from mmuemu.arch.base import Arch, Prot
 from mmuemu.arch.x86_64 import X86_64
 from mmuemu.errors import InvalidArgument
@@ -40,3 +41,4 @@ def make_arch(name: str, **options: Any) -> Arch:
 
 
 register(X86_64)
+register(Arm64)

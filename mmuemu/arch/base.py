@@ -61,9 +61,16 @@ class Arch:
     #: anon folio orders the fault path may allocate (PMD order maps with a PMD leaf)
     max_folio_order: ClassVar[int] = 10
 
+    #: ptep_get_and_clear_full is a plain store, not an atomic exchange, when the mm is
+    #: dying (``full``): x86's override; the generic one is ptep_get_and_clear, an xchg
+    plain_clear_full: ClassVar[bool] = False
+
     def __init__(self, **options: Any) -> None:
         if options:
-            raise TypeError(f"unknown {self.name} options: {', '.join(sorted(options))}")
+            from mmuemu.errors import InvalidArgument
+
+            raise InvalidArgument(f"unknown {self.name} option(s) {', '.join(map(repr, sorted(options)))}; "
+                                  f"{self.name} takes none")
 
     # ---------------------------------------------------------------- geometry
     @property
@@ -285,16 +292,19 @@ class Arch:
         old = store[flat]
         store[flat] = 0
         ops.add("pte_clears", nr, items)
-        if not full:  # ptep_get_and_clear: an atomic exchange (full: the mm is dying)
+        if not (full and self.plain_clear_full):  # ptep_get_and_clear: an atomic exchange
             ops.add("pte_atomics", nr, items)
         return self._gather_young_dirty(old, off, nr)
 
     def clear_full_ptes(self, mm: Any, store: U64, start: I64, nr: I64, full: bool, ops: Ops,
                         items: Any = None) -> None:
-        """Mirrors: include/linux/pgtable.h clear_full_ptes."""
+        """Mirrors: include/linux/pgtable.h clear_full_ptes (a loop of
+        ptep_get_and_clear_full)."""
         flat, _ = expand_runs(start, nr)
         store[flat] = 0
         ops.add("pte_clears", nr, items)
+        if not (full and self.plain_clear_full):
+            ops.add("pte_atomics", nr, items)
 
     def _gather_young_dirty(self, old: U64, off: I64, nr: I64) -> U64:
         first_pos = np.flatnonzero(off == 0)

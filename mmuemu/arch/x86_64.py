@@ -52,6 +52,8 @@ class X86_64(Arch):
     name: ClassVar[str] = "x86_64"
     #: tlb_single_page_flush_ceiling: ranges wider than this many pages flush the whole mm
     flush_ceiling: ClassVar[int] = 33
+    #: ptep_get_and_clear_full: a plain load and store when the mm is dying
+    plain_clear_full: ClassVar[bool] = True
 
     # ------------------------------------------------------------ protections
     def vm_get_page_prot(self, prot: Prot) -> int:
