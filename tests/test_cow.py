@@ -40,6 +40,7 @@ PMD_ORDER = 9
 THP_SIZE = PAGE << PMD_ORDER
 MTHP_ORDERS = range(2, 9)
 FORK_MODES = ("batched", "legacy")
+ARCHES = ("x86_64", "arm64")
 
 INIT_TOKEN = 0x1000  # first token of the fill (see _fill_distinct)
 MOD_TOKEN = 0xFF  # cow.c's memset(mem, 0xff, size)
@@ -50,8 +51,8 @@ CHILD_TOKEN = 0xC0DE
 # helpers
 
 
-def _machine(fork_mode: str):
-    return mmuemu.Machine(arch="x86_64", memory="256MiB", cpus=4, fork_mode=fork_mode)
+def _machine(fork_mode: str, arch: str = "x86_64"):
+    return mmuemu.Machine(arch=arch, memory="256MiB", cpus=4, fork_mode=fork_mode)
 
 
 def _npages(size: int) -> int:
@@ -116,8 +117,8 @@ class Region:
         return _npages(self.size)
 
 
-def _setup_base(fork_mode: str) -> Region:
-    m = _machine(fork_mode)
+def _setup_base(fork_mode: str, arch: str = "x86_64") -> Region:
+    m = _machine(fork_mode, arch)
     p = m.spawn(name="parent")
     p.set_folio_orders([0])
     mem = p.mmap(PAGE, prot="rw")
@@ -128,8 +129,8 @@ def _setup_base(fork_mode: str) -> Region:
     return Region(m, p, mem, PAGE, 0, init)
 
 
-def _setup_thp(fork_mode: str, order: int, run: str) -> Region:
-    m = _machine(fork_mode)
+def _setup_thp(fork_mode: str, order: int, run: str, arch: str = "x86_64") -> Region:
+    m = _machine(fork_mode, arch)
     p = m.spawn(name="parent")
     p.set_folio_orders([order])
     fsize = PAGE << order
@@ -197,20 +198,20 @@ SETUPS += [(f"thp2m-{run}", PMD_ORDER, run) for run in PMD_RUNS]
 SETUPS += [(f"mthp{4 << k}k-{run}", k, run) for k in MTHP_ORDERS for run in MTHP_RUNS]
 
 
-def _make_region(fork_mode: str, order: int, run: str) -> Region:
-    r = _setup_base(fork_mode) if run == "base" else _setup_thp(fork_mode, order, run)
+def _make_region(fork_mode: str, order: int, run: str, arch: str = "x86_64") -> Region:
+    r = _setup_base(fork_mode, arch) if run == "base" else _setup_thp(fork_mode, order, run, arch)
     _assert_tokens(r.p.read(r.mem, length=r.size), r.init, "setup: parent contents")
     r.m.check()
     return r
 
 
 @pytest.fixture(
-    params=[(mode, s) for mode in FORK_MODES for s in SETUPS],
-    ids=[f"{mode}-{s[0]}" for mode in FORK_MODES for s in SETUPS],
+    params=[(arch, mode, s) for arch in ARCHES for mode in FORK_MODES for s in SETUPS],
+    ids=[f"{arch}-{mode}-{s[0]}" for arch in ARCHES for mode in FORK_MODES for s in SETUPS],
 )
 def region(request) -> Region:
-    fork_mode, (_name, order, run) = request.param
-    return _make_region(fork_mode, order, run)
+    arch, fork_mode, (_name, order, run) = request.param
+    return _make_region(fork_mode, order, run, arch)
 
 
 # --------------------------------------------------------------------------------------
@@ -412,10 +413,10 @@ EXCL_SETUPS = [
 @pytest.mark.parametrize(
     ("order", "run"), [s[1:] for s in EXCL_SETUPS], ids=[s[0] for s in EXCL_SETUPS]
 )
-def test_fork_clears_anon_exclusive(fork_mode: str, order: int, run: str) -> None:
+def test_fork_clears_anon_exclusive(arch: str, fork_mode: str, order: int, run: str) -> None:
     """After fork no page of the folio is AnonExclusive, on either side; both map the
     same page read-only. The first write then gives the writer its own page."""
-    r = _make_region(fork_mode, order, run)
+    r = _make_region(fork_mode, order, run, arch)
     p, mem, size = r.p, r.mem, r.size
     samples = sorted({mem, mem + (size // 2 // PAGE) * PAGE, mem + size - PAGE})
     for a in samples:
@@ -460,11 +461,11 @@ PIN_SETUPS = [
     ("order", "run", "index"), [s[1:] for s in PIN_SETUPS], ids=[s[0] for s in PIN_SETUPS]
 )
 def test_pinned_exclusive_page_copied_at_fork(
-    fork_mode: str, order: int, run: str, index: int, pin_write: bool
+    arch: str, fork_mode: str, order: int, run: str, index: int, pin_write: bool
 ) -> None:
     """A longterm-pinned exclusive page is copied for the child at fork; the parent
     keeps the page and its writable PTE untouched (copy_present_page)."""
-    r = _make_region(fork_mode, order, run)
+    r = _make_region(fork_mode, order, run, arch)
     p = r.p
     a = r.mem + index * PAGE
     pin = p.pin(a, PAGE, write=pin_write, longterm=True)
@@ -501,10 +502,10 @@ def test_pinned_exclusive_page_copied_at_fork(
 
 
 @pytest.mark.parametrize("fork_mode", FORK_MODES)
-def test_small_page_reuse_and_copy(fork_mode: str) -> None:
+def test_small_page_reuse_and_copy(arch: str, fork_mode: str) -> None:
     """Small folio: a write while the child still maps the page copies it; once the
     sharer is gone, the write fault reuses the page in place."""
-    r = _make_region(fork_mode, 0, "base")
+    r = _make_region(fork_mode, 0, "base", arch)
     p, mem = r.p, r.mem
     pfn = p.pte(mem).pfn
 
@@ -534,10 +535,10 @@ def test_small_page_reuse_and_copy(fork_mode: str) -> None:
 # non-anonymous: the shared zero page (cow.c's run_with_zeropage)
 
 
-def test_zeropage_cow() -> None:
+def test_zeropage_cow(arch: str) -> None:
     """Writing a private page that maps the shared zero page must not change what
     another mapping of the zero page reads."""
-    m = _machine("batched")
+    m = _machine("batched", arch)
     p = m.spawn(name="parent")
     mem = p.mmap(PAGE, prot="rw")
     smem = p.mmap(PAGE, prot="r")
@@ -552,10 +553,10 @@ def test_zeropage_cow() -> None:
     m.check()
 
 
-def test_zeropage_ro_longterm_pin() -> None:
+def test_zeropage_ro_longterm_pin(arch: str) -> None:
     """A R/O longterm pin of the zero page in a private writable mapping unshares it
     (gup_must_unshare on a COW mapping), so the later write is seen by the pin."""
-    m = _machine("batched")
+    m = _machine("batched", arch)
     p = m.spawn(name="parent")
     mem = p.mmap(PAGE, prot="rw")
     p.populate(mem, PAGE, write=False)

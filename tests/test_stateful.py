@@ -1,11 +1,11 @@
 """Stateful property tests: random mm syscall sequences against a plain-dict model.
 
 A hypothesis ``RuleBasedStateMachine`` drives one small machine
-(``Machine(arch="x86_64", memory="64MiB")``) with a root process and the children forked
-from it (and from them), through random sequences of mmap (private, shared, 2 MiB aligned
-THP candidates), populate, write, read, fork (batched and legacy), mprotect, mremap (grow,
-shrink, move), madvise, munmap, FOLL_PIN longterm pins and FOLL_GET references with release,
-exit, set_folio_orders and split_huge_pmd.
+(``Machine(arch="x86_64", memory="64MiB")``; :class:`Arm64MmModel` the same on arm64) with a
+root process and the children forked from it (and from them), through random sequences of
+mmap (private, shared, 2 MiB aligned THP candidates), populate, write, read, fork (batched
+and legacy), mprotect, mremap (grow, shrink, move), madvise, munmap, FOLL_PIN longterm pins
+and FOLL_GET references with release, exit, set_folio_orders and split_huge_pmd.
 
 The model keeps, for every process, ``attrs``: page address -> the page's VMA attributes
 (protection, shared-memory object and index, dontfork, wipeonfork) and ``mem``: page address
@@ -330,10 +330,12 @@ SIGBUS = "SIGBUS"  # an access past the end of a shmem object
 
 class MmModel(RuleBasedStateMachine):
     handles = Bundle("handles")
+    #: the architecture the machine emulates
+    ARCH = "x86_64"
 
     def __init__(self) -> None:
         super().__init__()
-        self.m = mmuemu.Machine(arch="x86_64", memory="64MiB")
+        self.m = mmuemu.Machine(arch=self.ARCH, memory="64MiB")
         self.free0 = self.m.free_pages
         self.procs: list[ProcModel] = [ProcModel(self.m.spawn("root"), 0)]
         self.pids = itertools.count(1)
@@ -947,6 +949,17 @@ def _assert_tokens(got, want, what: str) -> None:  # type: ignore[no-untyped-def
 # tests
 
 
+class Arm64MmModel(MmModel):
+    """The same model on arm64 (DBM dirty model, TLBI flushes)."""
+
+    ARCH = "arm64"
+
+
+#: arm64 runs half as many examples as x86_64 (the suite must stay under 10 minutes)
+ARM64_SETTINGS = _settings(EXAMPLES // 2, STEPS)
+ARM64_LONG_SETTINGS = _settings(LONG_EXAMPLES // 2, LONG_STEPS)
+
+
 def test_mm_model() -> None:
     """Random syscall sequences of 30 steps against the model."""
     with _skip_out_of_order_allocations():
@@ -957,3 +970,15 @@ def test_mm_model_long() -> None:
     """Fewer, 4x longer sequences (deeper fork trees, more pins alive across forks)."""
     with _skip_out_of_order_allocations():
         run_state_machine_as_test(MmModel, settings=LONG_SETTINGS)
+
+
+def test_mm_model_arm64() -> None:
+    """The random sequences on arm64."""
+    with _skip_out_of_order_allocations():
+        run_state_machine_as_test(Arm64MmModel, settings=ARM64_SETTINGS)
+
+
+def test_mm_model_long_arm64() -> None:
+    """The long sequences on arm64."""
+    with _skip_out_of_order_allocations():
+        run_state_machine_as_test(Arm64MmModel, settings=ARM64_LONG_SETTINGS)
