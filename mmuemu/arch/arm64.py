@@ -24,8 +24,8 @@ entry made writable reads as hardware-dirty (fixed in v6.18 by 143937ca51cc, whi
 RDONLY only when PTE_DIRTY is set; ``mkwrite_dirty_only`` selects that form).
 
 Machine options: ``hafdbs`` (FEAT_HAFDBS: the MMU sets AF and, through DBM, clears RDONLY
-on a write; without it those accesses fault; the core fault path does not model those
-faults yet, only :meth:`Arm64.pte_hw_access` honours the switch), ``tlbi_range``
+on a write; without it those accesses fault: the core's fault path asks
+:attr:`Arm64.hw_access_flags`), ``tlbi_range``
 (FEAT_TLBIRANGE: range TLBIs), ``kpti`` (every TLBI is issued for the user ASID too).
 """
 
@@ -237,12 +237,17 @@ class Arm64(Arch):
     def pte_clear_soft_dirty(self, pte: U64) -> U64:
         return pte
 
+    @property
+    def hw_access_flags(self) -> bool:
+        """FEAT_HAFDBS: the MMU sets AF and, through DBM, clears RDONLY on a store."""
+        return self.hafdbs
+
     def pte_hw_access(self, pte: U64, write: bool) -> U64:
         """What FEAT_HAFDBS does to a valid entry it uses: set AF; on a store through a
         writable (DBM) entry, clear RDONLY (the entry becomes hardware-dirty; PTE_DIRTY is
         software's).  Without ``hafdbs`` the hardware changes nothing: the access faults
-        instead (access-flag / permission fault), which the core fault path does not model
-        yet, so the entry is returned unchanged."""
+        instead (access-flag / permission fault, see :attr:`hw_access_flags`), so the entry
+        is returned unchanged."""
         pte = np.asarray(pte, dtype=np.uint64)
         if not self.hafdbs:
             return pte.copy()

@@ -164,6 +164,12 @@ class Arch:
     def pte_clear_soft_dirty(self, pte: U64) -> U64:
         raise NotImplementedError
 
+    @property
+    def hw_access_flags(self) -> bool:
+        """Whether the MMU sets the access flag and dirties writable entries itself (x86
+        always; arm64 with FEAT_HAFDBS).  Without it such accesses fault."""
+        return True
+
     def pte_hw_access(self, pte: U64, write: bool) -> U64:
         """What the MMU does to an entry it uses: set Accessed, and Dirty on a write."""
         pte = self.pte_mkyoung(pte)

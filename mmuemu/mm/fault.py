@@ -136,6 +136,27 @@ def _fault_part(k: Kernel, mm: Mm, vmas: list[Vma], start: int, end: int, write:
     yield Work("handle_mm_fault", ops)
 
 
+def _accessed(a: Any, pte: NDArray[np.uint64], write: bool) -> NDArray[np.uint64]:
+    """The entry handle_pte_fault makes of a present one it may use: young, and dirty for a
+    write (the caller has made sure the entry is writable then)."""
+    out = a.pte_mkyoung(pte)
+    return a.pte_mkdirty(out) if write else out  # type: ignore[no-any-return]
+
+
+def _access_faults(k: Kernel, mm: Mm, flat_idx: I64, cur: NDArray[np.uint64], write: bool,
+                   ops: Ops) -> None:
+    """Without hardware access-flag and dirty management, using an old entry (or writing
+    a clean writable one) takes a fault that software fixes up.
+
+    Mirrors: mm/memory.c handle_pte_fault's tail (pte_mkdirty on a write to a writable
+    entry, pte_mkyoung, ptep_set_access_flags)."""
+    want = _accessed(k.arch, cur, write)
+    f = np.flatnonzero(want != cur)
+    if len(f):
+        k.arch.ptep_set_access_flags(mm, k.pt.flat, flat_idx[f], want[f], ops)
+        ops.add("page_faults", len(f))
+
+
 def _pte_index(k: Kernel, rows: I64, va: I64, start: int, end: int) -> tuple[I64, I64]:
     """Flat indices and addresses of the PTEs for the pages of [start, end) in these tables."""
     a = k.arch
@@ -296,13 +317,25 @@ def _plan_vma(k: Kernel, mm: Mm, vma: Vma, s: int, e: int, write: bool, unshare:
         # the hardware sets Accessed (and Dirty) on entries it uses without a fault
         touched = present & ~wp if touch else np.zeros(len(cur), bool)
         if touched.any():
-            flat[idx[touched]] = a.pte_hw_access(cur[touched], write)
+            ti = idx[touched]
+            if a.hw_access_flags:
+                flat[ti] = a.pte_hw_access(cur[touched], write)
+            else:
+                _access_faults(k, mm, ti, cur[touched], write, ops)
         if touch and leaf.any():
             lf = pmd_flat[leaf]
             lv = flat[lf]
             ok = a.pmd_leaf(lv) & (a.pte_write(a.pmd_to_pte(lv)) | (not write))
             if ok.any():
-                flat[lf[ok]] = a.pte_to_pmd(a.pte_hw_access(a.pmd_to_pte(lv[ok]), write))
+                lpte = a.pmd_to_pte(lv[ok])
+                if a.hw_access_flags:
+                    flat[lf[ok]] = a.pte_to_pmd(a.pte_hw_access(lpte, write))
+                else:
+                    want = _accessed(a, lpte, write)
+                    f = want != lpte
+                    flat[lf[ok][f]] = a.pte_to_pmd(want[f])  # huge_pmd_set_accessed
+                    ops.add("page_faults", int(f.sum()))
+                    ops.add("pmd_writes", int(f.sum()))
         if zero_pages.any():
             z = a.pte_mkspecial(a.pfn_pte(np.full(int(zero_pages.sum()), ZERO_PFN), prot))
             flat[idx[zero_pages]] = z
