@@ -145,6 +145,8 @@ class PhysMem:
 
     def available(self, order: int) -> int:
         """How many blocks of ``order`` could be allocated now."""
+        if order == 0:
+            return self.nr_free
         return sum(len(self.free_lists[j]) << (j - order) for j in range(order, MAX_ORDER + 1))
 
     def alloc(self, order: int, n: int = 1, top: bool = False) -> I64:
@@ -262,6 +264,10 @@ class PhysMem:
 
         Mirrors: mm/page_alloc.c __free_one_page, for many blocks at once.
         """
+        if len(starts) <= 4:  # a few blocks (a page table, one folio): merge one by one
+            for b in sorted(int(x) for x in starts):
+                self._free_one(b, order)
+            return
         starts = np.sort(np.asarray(starts, dtype=np.int64))
         k = order
         while len(starts):
@@ -284,6 +290,21 @@ class PhysMem:
                 self.nr_free -= len(pre) << k
             starts = np.unique(np.minimum(starts[merge], budc[merge]))
             k += 1
+
+    def _free_one(self, start: int, order: int) -> None:
+        """free_blocks for one block, merging with its free buddies in plain Python."""
+        fo = self.free_order
+        while order < MAX_ORDER:
+            bud = start ^ (1 << order)
+            if bud >= self.nr_pages or fo[bud] != order + 1:
+                break
+            self.free_lists[order].discard(bud >> order)
+            self._max_cache.pop(order, None)
+            fo[bud] = 0
+            self.nr_free -= 1 << order
+            start = min(start, bud)
+            order += 1
+        self._add_block(start, order)
 
     def _add_blocks(self, starts: I64, order: int) -> None:
         if len(starts):
@@ -332,7 +353,9 @@ class PhysMem:
         that are then strictly increasing are unique; others go through np.add.at.
         """
         idx = np.asarray(idx)
-        if not len(idx):
+        if len(idx) <= 1:
+            if len(idx):
+                arr[idx] += np.asarray(val, dtype=arr.dtype).reshape(-1)[:1]
             return
         val = np.broadcast_to(np.asarray(val, dtype=arr.dtype), idx.shape)
         if len(idx) > 1:
