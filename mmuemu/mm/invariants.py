@@ -46,6 +46,8 @@ def check(k: Kernel) -> None:
                 raise InvariantError(f"mm {mm.id}: a deposited table hangs off PMD entry {f}, which is not a leaf")
         ptes = levels[-1]
         vals = pt.entries[ptes].reshape(-1)
+        if a.cont_ptes > 1:
+            _check_cont_blocks(k, mm, vals)
         va = (base[:, None] + (np.arange(n, dtype=np.int64) << 12)[None, :]).reshape(-1)
         live = vals != 0
         vals, va = vals[live], va[live]
@@ -129,6 +131,32 @@ def _check_vmas_and_rss(k: Kernel, mm: Mm, vals: NDArray[np.uint64], pfn: I64, v
         if rss[idx] != mm.rss[idx]:
             raise InvariantError(f"mm {mm.id}: rss {RSS_NAMES[idx]} is {int(mm.rss[idx])} but the tables "
                                  f"map {int(rss[idx])} such pages")
+
+
+def _check_cont_blocks(k: Kernel, mm: Mm, vals: NDArray[np.uint64]) -> None:
+    """Every block of ``cont_ptes`` entries holding a CONT entry is a whole contiguous
+    mapping: all its entries valid and CONT, its PFNs consecutive from an aligned one, one
+    folio, equal attributes (young and dirty aside).  ``vals`` are whole tables in order."""
+    a, ph = k.arch, k.phys
+    c = a.cont_ptes
+    cont = a.pte_cont(vals)
+    if not cont.any():
+        return
+    blk = vals.reshape(-1, c)
+    has = cont.reshape(-1, c).any(axis=1)
+    b = blk[has]
+    bad = ~(a.pte_cont(b) & a.pte_present(b) & ~a.pte_special(b)).all(axis=1)
+    pfn = a.pte_pfn(b)
+    bad |= (pfn[:, 0] % c != 0) | (pfn != pfn[:, :1] + np.arange(c)).any(axis=1)
+    head = ph.head[np.where(bad[:, None], 0, pfn)]
+    bad |= (head != head[:, :1]).any(axis=1)
+    attrs = a.pte_same_bits(a.pte_mkclean(a.pte_mkold(b)))
+    bad |= (attrs != attrs[:, :1]).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(has)[np.flatnonzero(bad)[0]])
+        raise InvariantError(f"mm {mm.id}: contiguous block {i} of its page tables is not {c} aligned "
+                             f"entries of one folio with equal attributes: "
+                             f"{[hex(int(v)) for v in blk[i]]}")
 
 
 def _check_counts(k: Kernel, pte_map: I64, pmd_map: I64) -> None:
