@@ -63,6 +63,7 @@ class Machine:
             raise InvalidArgument(f"unknown fork_mode {fork_mode!r}; allowed: {', '.join(FORK_MODES)}")
         self.cpus = cpus
         phys = PhysMem(nbytes >> self.arch.page_shift)
+        self.arch.attach(phys)
         self.kernel = Kernel(self.arch, phys, PageTables(self.arch, phys), fork_mode=fork_mode)
         self.costs = default_costs(arch) if costs is None else load_costs(costs)
         self.runner = InstantRunner(self.costs)

@@ -183,7 +183,6 @@ def test_mprotect_one_page_unfolds_its_block_only() -> None:
 def test_fold_on_restored_protection() -> None:
     """v6.9 auto-fold: tried when the last entry of an aligned block is set."""
     m, p, a = _setup(contpte_fold=True)
-    m.arch.attach(m.kernel.phys)  # the core does not hand phys to the arch yet
     p.mprotect(a + 15 * P, P, "r")
     assert m.stats["contpte_unfolds"] == 1 and m.stats["contpte_folds"] == 0  # not uniform
     with m.measure() as t:
@@ -210,7 +209,6 @@ def test_fold_on_restored_protection() -> None:
 
 def test_fold_never_merges_small_folios() -> None:
     m = mmuemu.Machine(arch="arm64", contpte=True, contpte_fold=True, memory="64MiB")
-    m.arch.attach(m.kernel.phys)
     p = m.spawn()
     a = p.mmap(MiB, prot="rw", align=2 * MiB)
     p.populate(a, MiB, write=True)  # order 0, physically contiguous: still no fold
@@ -219,12 +217,17 @@ def test_fold_never_merges_small_folios() -> None:
     m.check()
 
 
-def test_fold_needs_attach() -> None:
+def test_the_machine_attaches_its_memory_and_a_bare_layer_refuses_to_fold() -> None:
     m = mmuemu.Machine(arch="arm64", contpte=True, contpte_fold=True, memory="64MiB")
-    p = m.spawn()
-    a = p.mmap(MiB, prot="rw")
+    assert m.arch.phys is m.kernel.phys
+    from mmuemu.arch.arm64_contpte import Arm64Contpte
+    from mmuemu.mm.work import Ops
+
+    bare = Arm64Contpte(contpte_fold=True)
+    store = np.zeros(32, np.uint64)
+    pte = bare.pfn_pte(np.array([15]), int(bare.vm_get_page_prot(mmuemu.arch.Prot(True, True, False, False))))
     with pytest.raises(mmuemu.InvalidArgument, match="attach"):
-        p.populate(a, P, write=True)
+        bare.set_ptes(None, store, np.array([15]), pte, np.array([1]), Ops())
 
 
 def test_public_api_state_stays_right() -> None:
@@ -313,9 +316,9 @@ def test_ptep_set_access_flags_on_cont() -> None:
     assert arch.pte_pfn(store[16:]).tolist() == list(range(32, 48))
 
 
-@pytest.mark.xfail(strict=True, reason="core: mm/mmap.py _move_vma clears and stores entries "
-                   "raw instead of ptep_get_and_clear + set_pte_at, so PTE_CONT moves along")
 def test_mremap_to_unaligned_address_keeps_blocks_valid() -> None:
+    """move_ptes goes through ptep_get_and_clear and set_pte_at: blocks that are no longer
+    VA-aligned are not CONT at the new address."""
     m, p, a = _setup()
     hole = p.mmap(4 * MiB, prot="rw", align=2 * MiB)
     p.munmap(hole, 4 * MiB)
@@ -335,8 +338,6 @@ def test_same_state_as_plain_arm64(mode: str, opts: dict[str, bool]) -> None:
     def run(contpte: bool) -> tuple[list[np.ndarray], dict[str, int]]:
         m = mmuemu.Machine(arch="arm64", memory="128MiB", fork_mode=mode,
                            **({"contpte": True, **opts} if contpte else {}))
-        if contpte:
-            m.arch.attach(m.kernel.phys)
         p = m.spawn()
         p.set_folio_orders([5, 4, 0])
         n = 4 * MiB + 5 * P
@@ -372,11 +373,10 @@ def test_same_state_as_plain_arm64(mode: str, opts: dict[str, bool]) -> None:
     assert plain_stats == cont_stats
 
 
-@pytest.mark.xfail(strict=True, reason="core: mm/huge_memory.py split_huge_pmds stores the 512 "
-                   "PTEs raw; v6.9 __split_huge_pmd_locked uses set_ptes(HPAGE_PMD_NR), which "
-                   "sets up every block pre-folded (contpte series patch 'Batch-collapse PMD "
-                   "with set_ptes()')")
 def test_split_pmd_maps_cont_blocks() -> None:
+    """__split_huge_pmd_locked fills the table with one set_ptes(HPAGE_PMD_NR), so every
+    block of the split THP comes out CONT (contpte series, 'Batch-collapse PMD with
+    set_ptes()')."""
     from mmuemu.workload import populated
 
     m = mmuemu.Machine(arch="arm64", contpte=True, memory="64MiB")

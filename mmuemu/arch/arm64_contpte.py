@@ -22,7 +22,7 @@ per-PTE loops over the nr == 1 paths, so every block a parent wrprotect touches 
 (BBML2_NOABORT, v6.17: contpte_convert issues no TLBI).
 
 Folding must check that one large folio covers the block, which needs the machine's
-physical memory: :meth:`Arm64Contpte.attach` gives it (the core does not call it yet).
+physical memory: the Machine gives it through :meth:`Arm64Contpte.attach`.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Arm64Contpte(Arm64):
     def _need_phys(self) -> None:
         if self.phys is None:
             raise InvalidArgument("contpte_fold needs the machine's physical memory to find "
-                                  "folios: call arch.attach(kernel.phys) first")
+                                  "folios: attach(kernel.phys) first (a Machine does)")
 
     # ------------------------------------------------------------ break-before-make
     def contpte_convert(self, store: U64, bstart: I64, pte: U64, ops: Ops, sel: Any,

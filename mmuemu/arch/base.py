@@ -72,6 +72,10 @@ class Arch:
             raise InvalidArgument(f"unknown {self.name} option(s) {', '.join(map(repr, sorted(options)))}; "
                                   f"{self.name} takes none")
 
+    def attach(self, phys: Any) -> None:
+        """Given the machine's physical memory once it exists (a layer that must find
+        folios, as arm64's contpte fold does, keeps it; the generic layer needs none)."""
+
     # ---------------------------------------------------------------- geometry
     @property
     def page_size(self) -> int:

@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
 from mmuemu.mm.work import Ops
+from mmuemu.runs import Rows
 
 __all__ = ["split_huge_pmds", "split_huge_pmds_in", "zap_huge_pmds"]
 
@@ -35,8 +36,9 @@ def split_huge_pmds(k: Kernel, mm: Mm, pmd_flat: I64, ops: Ops) -> None:
     heads = a.pte_pfn(pte0)
     rows = np.array([mm.deposit.pop(int(f)) for f in pmd_flat], dtype=np.int64)
     offs = np.arange(n, dtype=np.int64)
-    vals = a.pte_advance_pfn(np.repeat(pte0, n), np.tile(offs, len(rows)))
-    pt.entries[rows] = vals.reshape(len(rows), n)
+    # the deposited tables are filled with one set_ptes(HPAGE_PMD_NR) each
+    a.set_ptes(mm, flat, rows * n, pte0, np.full(len(rows), n, dtype=np.int64), ops,
+               expanded=(Rows(rows, n), np.tile(offs, len(rows))))
     flat[pmd_flat] = a.mk_table(pt.row_pfn[rows])
     pages = (heads[:, None] + offs[None, :]).ravel()
     ph.mapcount[pages] += 1

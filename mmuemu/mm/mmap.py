@@ -332,13 +332,10 @@ def _move_vma(k: Kernel, mm: Mm, old: int, length: int, new: int) -> Generator[W
         drows[need] = pt.pte_alloc(dflat[need])
         didx = drows[slot] * n + ((daddr >> 12) & (n - 1))
         flat = pt.flat
-        flat[sidx] = 0  # ptep_get_and_clear
+        vals = a.ptep_get_and_clear(mm, flat, sidx, ops)
         # move_soft_dirty_pte: a moved entry is soft-dirty
         vals = np.where(a.pte_present(vals), a.pte_mksoft_dirty(vals), vals)
-        flat[didx] = vals
-        ops.add("pte_clears", len(sidx))
-        ops.add("pte_atomics", len(sidx))
-        ops.add("pte_writes", len(didx))
+        a.set_ptes(mm, flat, didx, vals, np.ones(len(didx), np.int64), ops)  # set_pte_at
         a.flush_tlb_range(mm, int(saddr[0]), int(saddr[-1]) + 4096, ops, k.cpu)
     mm.vmas.remove(src)
     mm.vmas.insert(dst)
