@@ -93,3 +93,42 @@ def test_batched_worst_case_gap_larger_than_legacy() -> None:
         gaps[mode] = max(work_gaps) / 1000
         c.exit()
     assert gaps["batched"] > 20 * gaps["legacy"]
+
+
+def test_per_item_counts_of_every_shape() -> None:
+    """Counts given per run without items belong to item 0; ALL spreads over every item."""
+    import numpy as np
+
+    from mmuemu.mm.work import ALL, Ops
+
+    ops = Ops(4)
+    ops.add("pte_writes", np.array([3, 5]))  # per run, no items: item 0
+    ops.add("pte_writes", 1, ALL)
+    ops.add("pte_writes", np.array([2, 2]), np.array([1, 3]))
+    ops.add("pte_writes", np.broadcast_to(np.int64(1), (2,)), np.array([2, 3]))
+    assert ops.per_item("pte_writes").tolist() == [9, 3, 2, 4]
+    assert ops.totals["pte_writes"] == 18
+
+
+def test_a_fault_can_be_timed_item_by_item() -> None:
+    """handle_mm_fault's Work (set_ptes counts per run, no items) answers per-item costs."""
+    from mmuemu.sim.runners import InstantRunner
+
+    m = mmuemu.Machine(arch="arm64", memory="64MiB")
+    p = m.spawn()
+    p.set_folio_orders([4])
+    a = p.mmap(1 << 20)
+    works = list(_works(m, p, a))
+    assert works and all(m.costs.item_ps(w.ops).sum() >= 0 for w in works)
+    assert isinstance(m.runner, InstantRunner)
+
+
+def _works(m: mmuemu.Machine, p: mmuemu.Process, a: int):  # type: ignore[no-untyped-def]
+    from mmuemu.mm.fault import fault_range
+
+    gen = fault_range(m.kernel, p.mm, a, a + (1 << 20), write=True)
+    try:
+        while True:
+            yield gen.send(None)
+    except StopIteration:
+        return

@@ -93,7 +93,10 @@ class Ops:
                 continue
             if callable(items):
                 items = items()
-            idx = 0 if items is None else items
+            if items is None:  # all of it belongs to item 0
+                out[0] += int(np.sum(count))  # type: ignore[call-overload]
+                continue
+            idx = items
             idx_arr = np.atleast_1d(np.asarray(idx, dtype=np.int64))
             cnt = np.broadcast_to(np.asarray(count, dtype=np.int64), idx_arr.shape)
             out += np.bincount(idx_arr, weights=cnt, minlength=self.n_items).astype(np.int64)
