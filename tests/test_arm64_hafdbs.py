@@ -59,3 +59,28 @@ def test_x86_never_takes_access_faults() -> None:
     with m.measure() as t:
         c.read(a, length=MiB)
     assert t.counts["page_faults"] == 0 and c.pte(a).young
+
+
+def test_ptep_set_access_flags_merges_and_flushes_on_write() -> None:
+    """__ptep_set_access_flags only ever sets AF/dirty/write (RDONLY inverted); unchanged
+    entries cost nothing; a write fault also flushes the stale read-only entry."""
+    import numpy as np
+
+    from mmuemu.arch.arm64 import Arm64
+    from mmuemu.mm.work import Ops
+
+    a = Arm64()
+    clean = np.uint64((5 << 12) | 0b11 | RDONLY | DBM)  # valid page, writable, clean, old
+    store = np.array([clean, clean | AF], dtype=np.uint64)
+    ops = Ops()
+    a.ptep_set_access_flags(None, store, np.array([1]), store[1:2].copy(), ops, dirty=True)
+    assert not ops.totals  # unchanged: nothing
+    ops = Ops()
+    a.ptep_set_access_flags(None, store, np.array([0]), np.array([clean | AF]), ops, dirty=False)
+    assert store[0] == clean | AF and ops.totals == {"pte_atomics": 1}
+    ops = Ops()
+    # a write: entry young and dirty; RDONLY cleared, and an entry that lacks AF cannot clear it
+    want = np.array([(clean & ~np.uint64(RDONLY)) | SW_DIRTY], dtype=np.uint64)
+    a.ptep_set_access_flags(None, store, np.array([0]), want, ops, dirty=True)
+    assert store[0] == (clean | AF | SW_DIRTY) & ~np.uint64(RDONLY)
+    assert ops.totals["pte_atomics"] == 1 and ops.totals["tlbi_ops"] == 1

@@ -311,11 +311,24 @@ class Arm64(Arch):
     # ------------------------------------------------------------ atomics arm64 always uses
     # (get_and_clear_full_ptes / clear_full_ptes: the generic xchg, plain_clear_full=False)
     def ptep_set_access_flags(self, mm: Any, store: U64, idx: I64, entry: U64, ops: Ops,
-                              items: Any = None) -> None:
-        """Mirrors: arch/arm64/mm/fault.c __ptep_set_access_flags: AF, dirty and write merged
-        in by a cmpxchg loop (hardware may update the entry concurrently)."""
-        store[idx] = entry
-        ops.add("pte_atomics", len(idx), items)
+                              items: Any = None, dirty: bool = True) -> None:
+        """Mirrors: arch/arm64/mm/fault.c __ptep_set_access_flags: nothing for an unchanged
+        entry; else AF, PTE_DIRTY and write permission (DBM set, RDONLY cleared) merged in by
+        a cmpxchg loop, then, for a write fault, flush_tlb_page of the stale read-only entry."""
+        idx = np.asarray(idx, dtype=np.int64)
+        old = store[idx]
+        changed = old != entry
+        if not changed.any():
+            return
+        ci = np.flatnonzero(changed)
+        bits = (np.asarray(entry, dtype=np.uint64)[ci] & (RDONLY | AF | WRITE | DIRTY)) ^ RDONLY
+        store[idx[ci]] = ((old[ci] ^ RDONLY) | bits) ^ RDONLY
+        if items is None or np.isscalar(items):
+            ops.add("pte_atomics", len(ci), items)
+        else:
+            ops.add("pte_atomics", 1, np.asarray(items)[ci])
+        if dirty:
+            self.flush_tlb_pages(mm, len(ci), ops)
 
     # ------------------------------------------------------------ TLB
     def _tlbi(self, ops: Ops, n: int) -> None:

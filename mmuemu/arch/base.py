@@ -338,8 +338,9 @@ class Arch:
         return old
 
     def ptep_set_access_flags(self, mm: Any, store: U64, idx: I64, entry: U64, ops: Ops,
-                              items: Any = None) -> None:
-        """Mirrors: ptep_set_access_flags: widen young/dirty/write on a present entry."""
+                              items: Any = None, dirty: bool = True) -> None:
+        """Mirrors: ptep_set_access_flags: widen young/dirty/write on a present entry
+        (``dirty``: the fault was a write)."""
         store[idx] = entry
         ops.add("pte_writes", len(idx), items)
 

@@ -153,7 +153,7 @@ def _access_faults(k: Kernel, mm: Mm, flat_idx: I64, cur: NDArray[np.uint64], wr
     want = _accessed(k.arch, cur, write)
     f = np.flatnonzero(want != cur)
     if len(f):
-        k.arch.ptep_set_access_flags(mm, k.pt.flat, flat_idx[f], want[f], ops)
+        k.arch.ptep_set_access_flags(mm, k.pt.flat, flat_idx[f], want[f], ops, dirty=write)
         ops.add("page_faults", len(f))
 
 
