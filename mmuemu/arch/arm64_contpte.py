@@ -390,6 +390,14 @@ class Arm64Contpte(Arm64):
             out[ci] = np.where(self.pte_young(blk).any(axis=1), self.pte_mkyoung(v), v)
         return out
 
+    def ptep_get_reads(self, vals: U64) -> I64 | None:
+        """Without the batch APIs (no pte_batch_hint), every ptep_get of a valid+CONT entry
+        reads its whole block: 16 loads an entry.  With them, folio_pte_batch gathers once
+        per block and jumps by the hint: about one load an entry, as counted already."""
+        if self.contpte_batch_apis:
+            return None
+        return np.where(_valid_cont(vals), CONT_PTES, 1).astype(np.int64)
+
     def pte_batch_hint(self, store: U64, idx: I64, pte: U64) -> I64:
         """Mirrors: arch/arm64/include/asm/pgtable.h pte_batch_hint: for a valid+CONT
         entry, the entries left in its block; else 1."""

@@ -234,6 +234,13 @@ class Arch:
         ops.add("pte_reads", 1 if items is not None else len(idx), items)
         return store[idx]
 
+    def ptep_get_reads(self, vals: U64) -> I64 | None:
+        """Entry loads a copy loop makes per entry it reads with ptep_get and
+        folio_pte_batch (None: one each, as here).  A layer whose ptep_get gathers over
+        several entries without a batch hint to skip them (arm64 contpte before its batch
+        APIs) reads more."""
+        return None
+
     def pte_batch_hint(self, store: U64, idx: I64, pte: U64) -> I64:
         """Mirrors: include/linux/pgtable.h pte_batch_hint (1 unless overridden)."""
         return np.ones(len(idx), dtype=np.int64)

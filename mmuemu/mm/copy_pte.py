@@ -367,6 +367,10 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
 
     # ---- the loop's own work: reads, progress, checkpoints, sections
     ops.add_each("pte_reads")
+    loads = a.ptep_get_reads(e.vals)  # a layer whose ptep_get gathers reads more per entry
+    if loads is not None:
+        more_loads = loads - 1
+        ops.add("pte_reads", more_loads if starts is None else np.add.reduceat(more_loads, starts), ALL)
     if batched_path is not None and batched_path.any():
         bi = np.flatnonzero(batched_path)
         b_nr = np.ones(len(bi), np.int64) if nr is None else nr[bi]
@@ -375,7 +379,8 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         stop = (bi if starts is None else starts[bi]) + b_nr
         more = stop < m
         more[more] = ~e.new_table[stop[more]]
-        ops.add("pte_reads", more.astype(np.int64), bi)
+        stop_reads = more.astype(np.int64) if loads is None else np.where(more, loads[np.minimum(stop, m - 1)], 0)
+        ops.add("pte_reads", stop_reads, bi)
         ops.add("fork_batched_ptes", b_nr, bi)
     present_items = di if is_copy is None else np.flatnonzero(dup | is_copy)
     ops.add("fork_batches", 1, ALL if every else present_items)

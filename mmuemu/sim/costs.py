@@ -21,7 +21,7 @@ from mmuemu.mm.work import Ops
 
 __all__ = ["CostModel", "cost_dirs", "default_costs", "load_costs"]
 
-DEFAULT_COSTS = {"x86_64": "xeon-4210r"}
+DEFAULT_COSTS = {"x86_64": "xeon-4210r", "arm64": "altra"}
 
 
 def cost_dirs() -> list[Path]:
