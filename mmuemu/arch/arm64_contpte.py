@@ -46,6 +46,8 @@ CONT_PTES = 16
 _MASK = CONT_PTES - 1
 _OFFS = np.arange(CONT_PTES, dtype=np.int64)
 _VALID_CONT = VALID | CONT
+#: the low PFN bits that a block's first page must have clear (PA alignment of the block)
+_PFN_LOW = np.uint64(_MASK << 12)
 B = NDArray[np.bool_]
 
 
@@ -215,6 +217,13 @@ class Arm64Contpte(Arm64):
         no TLBI (the targets were not present).
         """
         pte = np.asarray(pte, dtype=np.uint64) & ~CONT
+        if (values is not None and expanded is not None and isinstance(expanded[0], Rows)
+                and len(nr) and bool((nr > 1).all())):
+            # whole tables, in order, written by runs of several entries (a fork's copy of
+            # large folios): mark the whole, PA-aligned blocks in the values
+            values = self._mark_cont_values(values, nr)
+            super().set_ptes(mm, store, start, pte, nr, ops, items, expanded, values)
+            return
         if values is not None:
             values = values & ~CONT
         if isinstance(start, Rows) and not self.contpte_fold and not (start.get(store) & CONT).any():
@@ -237,6 +246,22 @@ class Arm64Contpte(Arm64):
             else:  # the entries the single runs wrote
                 p1 = values[s_idx if len(s_idx) == len(values) else (np.cumsum(nrs) - nrs)[s_idx]]
             self._try_fold(store, starts[s_idx], p1, ops, _item_sel(items, s_idx))
+
+    def _mark_cont_values(self, values: U64, nr: I64) -> U64:
+        """_mark_cont for ``values``, the entries of whole tables in order that runs of
+        ``nr`` entries write one after the other (CONT in them is ignored): a block is whole
+        when no run starts inside it, and aligned when its first page is.  Returns the
+        entries to write."""
+        ok = (values[::CONT_PTES] & _PFN_LOW) == 0  # the first page of each block is aligned
+        if not bool(((nr & _MASK) == 0).all()):  # (else every run starts on a block)
+            offs = np.cumsum(nr) - nr
+            ok[offs[(offs & _MASK) != 0] // CONT_PTES] = False
+        if ok.all():
+            return values | CONT  # type: ignore[no-any-return]
+        out = values & ~CONT
+        if ok.any():
+            out.reshape(-1, CONT_PTES)[...] |= np.where(ok, CONT, np.uint64(0))[:, None]
+        return out  # type: ignore[no-any-return]
 
     def _mark_cont(self, store: U64, starts: I64, nr: I64, pte: U64) -> None:
         """The PTE_CONT half of contpte_set_ptes: whole aligned blocks of each run."""
