@@ -16,7 +16,7 @@ def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArra
     """Flat indices of every entry of the runs, and each entry's offset inside its run."""
     nr = np.asarray(nr, dtype=np.int64)
     total = int(nr.sum())
-    if total == len(nr):  # all runs of length 1: the common order-0 case
+    if total == len(nr) and bool((nr == 1).all()):  # all runs of length 1: the order-0 case
         return np.asarray(start, dtype=np.int64).copy(), np.zeros(total, dtype=np.int64)
     ends = np.cumsum(nr)
     offset = np.arange(total, dtype=np.int64) - np.repeat(ends - nr, nr)

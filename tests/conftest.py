@@ -7,8 +7,14 @@ import mmuemu
 MiB = 1 << 20
 
 
-#: every architecture the generic tests run on
-ARCHES = ("x86_64", "arm64")
+#: every platform the generic tests run on: an architecture, "-contpte" for arm64's layer
+ARCHES = ("x86_64", "arm64", "arm64-contpte")
+
+
+def platform(name: str) -> dict[str, object]:
+    """Machine keyword arguments for a platform name of ARCHES."""
+    arch, _, layer = name.partition("-")
+    return {"arch": arch, **({"contpte": True} if layer == "contpte" else {})}
 
 
 @pytest.fixture(params=ARCHES)
@@ -18,4 +24,4 @@ def arch(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def m(arch: str) -> mmuemu.Machine:
-    return mmuemu.Machine(arch=arch, memory="256MiB")
+    return mmuemu.Machine(memory="256MiB", **platform(arch))  # type: ignore[arg-type]

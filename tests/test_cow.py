@@ -40,7 +40,7 @@ PMD_ORDER = 9
 THP_SIZE = PAGE << PMD_ORDER
 MTHP_ORDERS = range(2, 9)
 FORK_MODES = ("batched", "legacy")
-ARCHES = ("x86_64", "arm64")
+ARCHES = ("x86_64", "arm64", "arm64-contpte")
 
 INIT_TOKEN = 0x1000  # first token of the fill (see _fill_distinct)
 MOD_TOKEN = 0xFF  # cow.c's memset(mem, 0xff, size)
@@ -52,7 +52,10 @@ CHILD_TOKEN = 0xC0DE
 
 
 def _machine(fork_mode: str, arch: str = "x86_64"):
-    return mmuemu.Machine(arch=arch, memory="256MiB", cpus=4, fork_mode=fork_mode)
+    """``arch`` is a platform: an architecture, "arm64-contpte" for arm64's contpte layer."""
+    name, _, layer = arch.partition("-")
+    return mmuemu.Machine(arch=name, memory="256MiB", cpus=4, fork_mode=fork_mode,
+                          **({"contpte": True} if layer == "contpte" else {}))
 
 
 def _npages(size: int) -> int:

@@ -103,3 +103,12 @@ def test_check_finds_a_free_table_with_entries() -> None:
     pt.entries[free[0], 7] = 1
     with pytest.raises(mmuemu.InvariantError, match="free but holds entries"):
         m.check()
+
+
+def test_expand_runs_with_empty_runs() -> None:
+    """Runs of length 0 among longer ones: the lengths sum to the number of runs, which must
+    not be mistaken for runs of one each."""
+    from mmuemu.runs import expand_runs
+
+    idx, off = expand_runs(np.array([0, 10]), np.array([0, 2]))
+    assert idx.tolist() == [10, 11] and off.tolist() == [0, 1]

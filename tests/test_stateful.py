@@ -1,7 +1,8 @@
 """Stateful property tests: random mm syscall sequences against a plain-dict model.
 
 A hypothesis ``RuleBasedStateMachine`` drives one small machine
-(``Machine(arch="x86_64", memory="64MiB")``; :class:`Arm64MmModel` the same on arm64) with a
+(``Machine(arch="x86_64", memory="64MiB")``; :class:`Arm64MmModel` and
+:class:`Arm64ContpteMmModel` the same on arm64, without and with contpte) with a
 root process and the children forked from it (and from them), through random sequences of
 mmap (private, shared, 2 MiB aligned THP candidates), populate, write, read, fork (batched
 and legacy), mprotect, mremap (grow, shrink, move), madvise, munmap, FOLL_PIN longterm pins
@@ -330,12 +331,13 @@ SIGBUS = "SIGBUS"  # an access past the end of a shmem object
 
 class MmModel(RuleBasedStateMachine):
     handles = Bundle("handles")
-    #: the architecture the machine emulates
+    #: the architecture the machine emulates, and its options
     ARCH = "x86_64"
+    OPTIONS: dict[str, bool] = {}  # noqa: RUF012
 
     def __init__(self) -> None:
         super().__init__()
-        self.m = mmuemu.Machine(arch=self.ARCH, memory="64MiB")
+        self.m = mmuemu.Machine(arch=self.ARCH, memory="64MiB", **self.OPTIONS)
         self.free0 = self.m.free_pages
         self.procs: list[ProcModel] = [ProcModel(self.m.spawn("root"), 0)]
         self.pids = itertools.count(1)
@@ -955,9 +957,17 @@ class Arm64MmModel(MmModel):
     ARCH = "arm64"
 
 
-#: arm64 runs half as many examples as x86_64 (the suite must stay under 10 minutes)
-ARM64_SETTINGS = _settings(EXAMPLES // 2, STEPS)
-ARM64_LONG_SETTINGS = _settings(LONG_EXAMPLES // 2, LONG_STEPS)
+class Arm64ContpteMmModel(MmModel):
+    """The same model on arm64 with the contpte layer (check() verifies every CONT block)."""
+
+    ARCH = "arm64"
+    OPTIONS = {"contpte": True}  # noqa: RUF012
+
+
+#: each arm64 variant runs a quarter as many examples as x86_64 (the suite must stay
+#: under 10 minutes on two cores)
+ARM64_SETTINGS = _settings(EXAMPLES // 4, STEPS)
+ARM64_LONG_SETTINGS = _settings(LONG_EXAMPLES // 4, LONG_STEPS)
 
 
 def test_mm_model() -> None:
@@ -982,3 +992,15 @@ def test_mm_model_long_arm64() -> None:
     """The long sequences on arm64."""
     with _skip_out_of_order_allocations():
         run_state_machine_as_test(Arm64MmModel, settings=ARM64_LONG_SETTINGS)
+
+
+def test_mm_model_arm64_contpte() -> None:
+    """The random sequences on arm64 with contpte."""
+    with _skip_out_of_order_allocations():
+        run_state_machine_as_test(Arm64ContpteMmModel, settings=ARM64_SETTINGS)
+
+
+def test_mm_model_long_arm64_contpte() -> None:
+    """The long sequences on arm64 with contpte."""
+    with _skip_out_of_order_allocations():
+        run_state_machine_as_test(Arm64ContpteMmModel, settings=ARM64_LONG_SETTINGS)

@@ -257,7 +257,7 @@ class Arch:
         """
         if isinstance(start, Rows):
             start.put(store, pte)
-        elif values is None and int(nr.sum()) == len(nr):
+        elif values is None and int(nr.sum()) == len(nr) and bool((nr == 1).all()):
             store[start] = pte  # all single entries: no PFN to advance
         else:
             flat, off = expanded if expanded is not None else expand_runs(start, nr)
