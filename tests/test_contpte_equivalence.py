@@ -61,6 +61,12 @@ def _populated(layout: tuple[np.ndarray, np.ndarray], prot: int) -> tuple[np.nda
     return stores[0], stores[1]
 
 
+def _mapped_runs(store: np.ndarray, ops: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The runs whose entries are all mapped (the helpers' contract)."""
+    keep = np.array([bool((store[a : a + b] != 0).all()) for a, b in zip(*ops, strict=True)], dtype=bool)
+    return ops[0][keep], ops[1][keep]
+
+
 def _agree(p: np.ndarray, c: np.ndarray) -> None:
     assert np.array_equal(_logical(plain, p), _logical(cont, c))
 
@@ -83,11 +89,9 @@ def test_set_ptes(layout: tuple[np.ndarray, np.ndarray]) -> None:
 @given(layout=LAYOUT, ops=runs())
 def test_wrprotect_ptes(layout: tuple[np.ndarray, np.ndarray], ops: tuple[np.ndarray, np.ndarray]) -> None:
     p, c = _populated(layout, RW)
-    starts, nrs = ops
-    live = [(s, n) for s, n in zip(starts, nrs, strict=True) if (p[s : s + n] != 0).all()]
-    if not live:
+    s, n = _mapped_runs(p, ops)
+    if not len(s):
         return
-    s, n = (np.array(x, dtype=np.int64) for x in zip(*live, strict=True))
     plain.wrprotect_ptes(None, p, s, n, Ops(len(s)), np.arange(len(s)))
     cont.wrprotect_ptes(None, c, s, n, Ops(len(s)), np.arange(len(s)))
     _agree(p, c)
@@ -100,11 +104,9 @@ def test_wrprotect_ptes(layout: tuple[np.ndarray, np.ndarray], ops: tuple[np.nda
 def test_get_and_clear_full_ptes(layout: tuple[np.ndarray, np.ndarray], ops: tuple[np.ndarray, np.ndarray],
                                  full: bool) -> None:
     p, c = _populated(layout, RW)
-    starts, nrs = ops
-    live = [(s, n) for s, n in zip(starts, nrs, strict=True) if (p[s : s + n] != 0).all()]
-    if not live:
+    s, n = _mapped_runs(p, ops)
+    if not len(s):
         return
-    s, n = (np.array(x, dtype=np.int64) for x in zip(*live, strict=True))
     rp = plain.get_and_clear_full_ptes(None, p, s, n, full, Ops(len(s)), np.arange(len(s)))
     rc = cont.get_and_clear_full_ptes(None, c, s, n, full, Ops(len(s)), np.arange(len(s)))
     _agree(p, c)
