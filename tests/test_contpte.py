@@ -386,3 +386,29 @@ def test_split_pmd_maps_cont_blocks() -> None:
     m = mmuemu.Machine(arch="arm64", contpte=True, memory="64MiB")
     p, a = populated(m, 2 * MiB, 9)  # PTE-mapped THP, as the fork benchmarks use
     assert _cont(m, p, a, 2 * MiB).all()
+
+
+@pytest.mark.parametrize("mode", ["batched", "legacy"])
+def test_fork_of_1gib_of_64k_folios(mode: str) -> None:
+    """The issue's figures at full size: batched, every parent block stays folded and every
+    child block is CONT, with one flush_tlb_mm; legacy, all 16384 parent blocks unfold
+    (16 VALE1IS each) and the child is left unfolded."""
+    m = mmuemu.Machine(arch="arm64", contpte=True, memory="2GiB")
+    p = m.spawn()
+    p.set_folio_orders([4])
+    a = p.mmap(1 << 30, prot="rw", align=2 * MiB)
+    p.populate(a, 1 << 30)
+    with m.measure() as t:
+        c = p.fork(mode=mode)
+    blocks = (1 << 30) // (64 << 10)
+    assert t.counts["tlb_flush_mm"] == 1
+    _, _, pv = follow_range(m.kernel, p.mm, a, a + (1 << 30))
+    _, _, cv = follow_range(m.kernel, c.mm, a, a + (1 << 30))
+    if mode == "batched":
+        assert blocks == 16384 and t.counts["contpte_unfolds"] == 0 and t.counts["tlbi_ops"] == 1
+        assert ((pv & CONT) != 0).all() and ((cv & CONT) != 0).all()
+    else:
+        assert t.counts["contpte_unfolds"] == blocks
+        assert t.counts["tlbi_ops"] == blocks * 16 + 1
+        assert not ((pv & CONT) != 0).any() and not ((cv & CONT) != 0).any()
+    m.check()

@@ -143,3 +143,37 @@ def test_modify_prot_ptes(layout: tuple[np.ndarray, np.ndarray], picks: list[int
     blocks = c.reshape(-1, 16)
     marked = (blocks & CONT) != 0
     assert (marked.all(axis=1) | ~marked.any(axis=1)).all()
+
+
+@SETTINGS
+@given(layout=LAYOUT, ops=runs(), full=st.booleans())
+def test_clear_full_ptes(layout: tuple[np.ndarray, np.ndarray], ops: tuple[np.ndarray, np.ndarray],
+                         full: bool) -> None:
+    p, c = _populated(layout, RW)
+    s, n = _mapped_runs(p, ops)
+    if not len(s):
+        return
+    plain.clear_full_ptes(None, p, s, n, full, Ops(len(s)), np.arange(len(s)))
+    cont.clear_full_ptes(None, c, s, n, full, Ops(len(s)), np.arange(len(s)))
+    _agree(p, c)
+    blocks = c.reshape(-1, 16)
+    marked = (blocks & CONT) != 0
+    assert (marked.all(axis=1) | ~marked.any(axis=1)).all()
+
+
+@SETTINGS
+@given(layout=LAYOUT, picks=st.lists(st.integers(0, N - 1), min_size=1, max_size=20, unique=True),
+       write=st.booleans())
+def test_ptep_set_access_flags(layout: tuple[np.ndarray, np.ndarray], picks: list[int], write: bool) -> None:
+    """A fault's fix-up (young, and dirty and writable on a write) on read-only entries."""
+    p, c = _populated(layout, RO)
+    idx = np.array(sorted(i for i in picks if p[i] != 0), dtype=np.int64)
+    if not len(idx):
+        return
+    for a, store in ((plain, p), (cont, c)):
+        entry = a.pte_mkyoung(store[idx] & ~CONT)
+        if write:
+            entry = a.pte_mkwrite(a.pte_mkdirty(entry))
+        a.ptep_set_access_flags(None, store, idx, entry, Ops(), dirty=write)
+    _agree(p, c)
+    assert np.array_equal(plain.pte_write(p[idx]), cont.pte_write(c[idx]))
