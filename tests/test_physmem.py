@@ -47,13 +47,14 @@ def test_scatter_add_with_repeats() -> None:
     assert arr[5] == 8 and arr[9] == 4 and arr[3] == 2 and arr.sum() == 14
 
 
-def test_bulk_allocations_are_contiguous_and_tables_come_from_the_top() -> None:
+@pytest.mark.parametrize("memory", ["512MiB", "20GiB"])  # (20 GiB: over 4096 free 4 MiB blocks)
+def test_bulk_allocations_are_contiguous_and_tables_come_from_the_top(memory: str) -> None:
     """A big populate gets one physical run, even on a reused machine; page tables sit at
     the top of memory, away from it."""
     import mmuemu
     from mmuemu.mm.gup import follow_range
 
-    m = mmuemu.Machine(arch="x86_64", memory="512MiB")
+    m = mmuemu.Machine(arch="x86_64", memory=memory)
     for _ in range(2):
         p = m.spawn()
         a = p.mmap(256 << 20, prot="rw", align=2 << 20)

@@ -200,7 +200,7 @@ class PhysMem:
         that what a big populate gets is as contiguous as free memory allows.  None when
         there are too many free blocks to sort (fragmented memory: contiguity is lost)."""
         lists = [(j, self.free_lists[j]) for j in range(order, MAX_ORDER + 1) if self.free_lists[j]]
-        if sum(len(b) for _, b in lists) > 4 * _CHOOSE_MAX:
+        if sum(len(b) for _, b in lists) > 16 * _CHOOSE_MAX:
             return None
         start = np.concatenate([np.fromiter(b, np.int64, len(b)) << j for j, b in lists])
         orders = np.concatenate([np.full(len(b), j, np.int64) for j, b in lists])
@@ -224,12 +224,10 @@ class PhysMem:
         return heads + (off << order) - off
 
     def _highest(self, order: int) -> int:
-        """The highest free block number of ``order`` (cached until the list changes; from a
-        very long list, any block)."""
+        """The highest free block number of ``order`` (cached until the list changes)."""
         b = self._max_cache.get(order)
         if b is None:
-            blocks = self.free_lists[order]
-            b = max(blocks) if len(blocks) <= _CHOOSE_MAX else next(iter(blocks))
+            b = max(self.free_lists[order])
             self._max_cache[order] = b
         return b
 
