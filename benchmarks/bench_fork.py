@@ -520,7 +520,11 @@ def linearity_rows(
 ) -> list[Row]:
     """Fork time per PTE at each size. All sizes are built first and then forked in rounds,
     one fork of each size per round, so that a change in the host's load during the run
-    falls on every size alike instead of on whichever size was being measured."""
+    falls on every size alike instead of on whichever size was being measured.  Each timed
+    fork follows an untimed one of the same process: after another size's fork the host's
+    caches hold that size's data, which costs the next fork about 1.3 ms (measured: 1 GiB
+    after an 8 GiB fork 7.2 ms, after its own 6.0 ms), a fixed cost that would count against
+    the small sizes only."""
     rows: list[Row] = []
     per_pte: dict[int, float] = {}
     built: dict[int, Any] = {}
@@ -537,6 +541,9 @@ def linearity_rows(
     spent = 0.0
     for _ in range(repeat):
         for g, (_m, p) in built.items():
+            # untimed: one fork of the same size just before, as rows 1-5 fork back to back,
+            # so each size starts with its own data in the host caches, not another size's
+            p.fork().exit()
             gc.collect()
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
