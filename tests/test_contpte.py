@@ -412,3 +412,45 @@ def test_fork_of_1gib_of_64k_folios(mode: str) -> None:
         assert t.counts["tlbi_ops"] == blocks * 16 + 1
         assert not ((pv & CONT) != 0).any() and not ((cv & CONT) != 0).any()
     m.check()
+
+
+def test_young_is_tested_and_cleared_over_the_block() -> None:
+    """contpte_ptep_test_and_clear_young clears AF on all 16 entries without unfolding;
+    the flush variant adds a block invalidation (no DSB wait) only when it was young."""
+    from mmuemu.mm.work import Ops
+
+    m, p, a = _setup()
+    k = m.kernel
+    slots = k.pt.pmd_slots(p.mm.pgd_row, a, a + 2 * MiB)
+    row = int(k.pt.rows_of(k.pt.flat[slots.flat])[0])
+    store = k.pt.flat
+    idx = np.array([row * 512 + 5, row * 512 + 9, row * 512 + 40])  # two in one block
+    ops = Ops()
+    young = m.arch.ptep_clear_flush_young(None, store, idx, ops)
+    assert young.tolist() == [True, False, True]  # the block's second entry finds it old
+    base = row * 512
+    assert not m.arch.pte_young(store[base : base + 16]).any()
+    assert not m.arch.pte_young(store[base + 32 : base + 48]).any()
+    assert m.arch.pte_young(store[base + 16 : base + 32]).all()  # a block nobody asked about
+    assert m.arch.pte_cont(store[base : base + 48]).all()  # still folded
+    assert ops.totals["pte_atomics"] == 2 * 16 and ops.totals["tlbi_ops"] == 2 * 16
+    assert "tlb_flush_range" not in ops.totals and "contpte_unfolds" not in ops.totals
+    again = m.arch.ptep_test_and_clear_young(None, store, idx, Ops())
+    assert not again.any()
+    m.check()
+
+
+def test_young_on_plain_arm64() -> None:
+    from mmuemu.mm.work import Ops
+
+    m = mmuemu.Machine(arch="arm64", memory="64MiB")
+    p = m.spawn()
+    a = p.mmap(MiB)
+    p.populate(a, MiB)
+    slots = m.kernel.pt.pmd_slots(p.mm.pgd_row, a, a + MiB)
+    row = int(m.kernel.pt.rows_of(m.kernel.pt.flat[slots.flat])[0])
+    idx = np.array([row * 512 + (a >> 12) % 512])
+    ops = Ops()
+    assert m.arch.ptep_clear_flush_young(None, m.kernel.pt.flat, idx, ops).tolist() == [True]
+    assert ops.totals["pte_atomics"] == 1 and ops.totals["tlbi_ops"] == 1
+    assert not p.pte(a).young

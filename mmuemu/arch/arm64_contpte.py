@@ -403,6 +403,53 @@ class Arm64Contpte(Arm64):
             _count(ops, "pte_reads", CONT_PTES, _item_sel(items, ci), len(ci))
         return out
 
+    def ptep_get_lockless(self, store: U64, idx: I64, ops: Ops, items: Any = None) -> U64:
+        """Mirrors: arch/arm64/mm/contpte.c contpte_ptep_get_lockless: a CONT entry re-reads
+        its block (here the block is always consistent: no concurrent writer) and gathers
+        young/dirty, as ptep_get does."""
+        return self.ptep_get(store, idx, ops, items)
+
+    def ptep_test_and_clear_young(self, mm: Any, store: U64, idx: I64, ops: Ops,
+                                  items: Any = None) -> NDArray[np.bool_]:
+        """Mirrors: contpte.c contpte_ptep_test_and_clear_young: a CONT entry clears the
+        access flag of all 16 entries of its block (a cmpxchg each) and reports their OR;
+        the block stays folded (access is tracked per folio)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        cont = _valid_cont(store[idx])
+        if not cont.any():
+            return super().ptep_test_and_clear_young(mm, store, idx, ops, items)
+        young = np.zeros(len(idx), dtype=bool)
+        rest = np.flatnonzero(~cont)
+        if len(rest):
+            young[rest] = super().ptep_test_and_clear_young(mm, store, idx[rest], ops, _item_sel(items, rest))
+        ci = np.flatnonzero(cont)
+        starts = idx[ci] & ~np.int64(_MASK)
+        _, first = np.unique(starts, return_index=True)  # a block's later entries find it old
+        ci, starts = ci[np.sort(first)], starts[np.sort(first)]
+        flat = starts[:, None] + _OFFS[None, :]
+        blk = store[flat]
+        young[ci] = self.pte_young(blk).any(axis=1)
+        store[flat] = self.pte_mkold(blk)
+        _count(ops, "pte_atomics", CONT_PTES, _item_sel(items, ci), len(ci))
+        return young
+
+    def ptep_clear_flush_young(self, mm: Any, store: U64, idx: I64, ops: Ops,
+                               items: Any = None) -> NDArray[np.bool_]:
+        """Mirrors: contpte.c contpte_ptep_clear_flush_young: the test-and-clear over the
+        block, then, if it was young, a block invalidation without the trailing DSB
+        (__flush_tlb_range_nosync: TLBIs counted, no tlb_flush_range wait)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        cont = _valid_cont(store[idx])
+        young = self.ptep_test_and_clear_young(mm, store, idx, ops, items)
+        plain_young = int((young & ~cont).sum())
+        self.flush_tlb_pages(mm, plain_young, ops)
+        yc = np.flatnonzero(young & cont)
+        if len(yc):
+            tlbis = self.range_tlbis(0, CONT_PTES << self.page_shift)
+            assert tlbis is not None
+            _count(ops, "tlbi_ops", 2 * tlbis if self.kpti else tlbis, _item_sel(items, yc), len(yc))
+        return young
+
     def _gather(self, store: U64, idx: I64, vals: U64) -> U64:
         """``vals`` (the entries at ``idx``) with, on valid+CONT ones, the dirty and young
         bits of their whole block ORed in."""

@@ -234,6 +234,28 @@ class Arch:
         ops.add("pte_reads", 1 if items is not None else len(idx), items)
         return store[idx]
 
+    def ptep_get_lockless(self, store: U64, idx: I64, ops: Ops, items: Any = None) -> U64:
+        """Mirrors: include/linux/pgtable.h ptep_get_lockless (GUP-fast's read, no PTL)."""
+        return self.ptep_get(store, idx, ops, items)
+
+    def ptep_test_and_clear_young(self, mm: Any, store: U64, idx: I64, ops: Ops,
+                                  items: Any = None) -> NDArray[np.bool_]:
+        """Mirrors: ptep_test_and_clear_young: clear the access flag, say whether it was set
+        (an atomic per entry)."""
+        old = store[idx]
+        young = self.pte_young(old)
+        store[idx] = np.where(young, self.pte_mkold(old), old)
+        ops.add("pte_atomics", len(idx) if items is None else 1, items)
+        return young  # type: ignore[no-any-return]
+
+    def ptep_clear_flush_young(self, mm: Any, store: U64, idx: I64, ops: Ops,
+                               items: Any = None) -> NDArray[np.bool_]:
+        """Mirrors: ptep_clear_flush_young: test-and-clear, then flush the pages that were
+        young."""
+        young = self.ptep_test_and_clear_young(mm, store, idx, ops, items)
+        self.flush_tlb_pages(mm, int(young.sum()), ops)
+        return young
+
     def ptep_get_reads(self, vals: U64) -> I64 | None:
         """Entry loads a copy loop makes per entry it reads with ptep_get and
         folio_pte_batch (None: one each, as here).  A layer whose ptep_get gathers over
