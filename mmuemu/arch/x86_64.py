@@ -115,10 +115,8 @@ class X86_64(Arch):
     def _mksaveddirty(pte: U64, fresh: bool = False) -> U64:
         """Mirrors: pte_mksaveddirty: on a Write=0 entry, move Dirty into SavedDirty.
         (``fresh``: ``pte`` is a temporary that may be changed in place.)"""
-        if np.ndim(pte) == 0:
-            cond = ~(pte << np.uint64(5)) & DIRTY
-            d = pte & cond
-            return (pte & ~d) | (d << np.uint64(52))  # type: ignore[no-any-return]
+        if np.ndim(pte) == 0:  # (the in-place steps below need an array)
+            return X86_64._mksaveddirty(np.array([pte], dtype=np.uint64), fresh=True)[0]  # type: ignore[no-any-return]
         out = pte if fresh else pte.copy()
         # Dirty where RW is clear: bit 1 (RW) shifted to bit 6 (Dirty), inverted
         dirty = np.left_shift(out, np.uint64(5))
@@ -133,9 +131,8 @@ class X86_64(Arch):
     @staticmethod
     def _clear_saveddirty(pte: U64, fresh: bool = False) -> U64:
         """Mirrors: pte_clear_saveddirty: on a Write=1 entry, move SavedDirty into Dirty."""
-        if np.ndim(pte) == 0:
-            sv = pte & ((pte << np.uint64(57)) & SAVED_DIRTY)
-            return (pte & ~sv) | (sv >> np.uint64(52))  # type: ignore[no-any-return]
+        if np.ndim(pte) == 0:  # (the in-place steps below need an array)
+            return X86_64._clear_saveddirty(np.array([pte], dtype=np.uint64), fresh=True)[0]  # type: ignore[no-any-return]
         out = pte if fresh else pte.copy()
         saved = np.left_shift(out, np.uint64(57))  # RW (bit 1) moved to bit 58
         saved &= SAVED_DIRTY

@@ -35,9 +35,6 @@ class PtePlan:
     commit: Any
 
 
-K_NONE, K_PRESENT, K_SPECIAL = 0, 1, 2
-
-
 def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArray[np.uint64],
                new_table: B, ae_virtual: B | None) -> PtePlan:
     """Mirrors: copy_pte_range / copy_present_ptes / folio_pte_batch over every entry of the

@@ -17,7 +17,7 @@ failed fork leaves the parent exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import numpy as np
@@ -104,16 +104,17 @@ class _VmaCopy:
 
     src: Vma
     dst: Vma
-    commit_steps: list[Any]
     works: list[Work]
     copy_pages: I64
     deposit_rows: I64
+    #: writes the planned copy, yielding Works as it goes (None: nothing to write)
+    write: Callable[[], Generator[Work, Any, None]] | None = None
 
     def commit(self, k: Kernel, parent: Mm, child: Mm) -> Generator[Work, Any, None]:
         """Write the copy, handing over the Works as they are made (and keeping none)."""
-        steps, self.commit_steps = self.commit_steps, []  # (the steps refer to self)
-        for step in steps:
-            yield from step()
+        write, self.write = self.write, None  # (it refers to self)
+        if write is not None:
+            yield from write()
         yield from self.drain()
 
     def drain(self) -> Generator[Work, Any, None]:
@@ -130,7 +131,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     live = pmd != 0
     va, pflat, pmd = slots.va[live], slots.flat[live], pmd[live]
     leaf = a.pmd_leaf(pmd)
-    copy = _VmaCopy(src, dst, [], [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+    copy = _VmaCopy(src, dst, [], np.zeros(0, np.int64), np.zeros(0, np.int64))
     if not len(va):
         return copy
 
@@ -241,7 +242,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
         upper = Ops()
         upper.add("pgtable_allocs", len(child_rows))
         copy.works.append(Work("pgd_pud_pmd_alloc", upper))
-    copy.commit_steps.append(commit)
+    copy.write = commit
     return copy
 
 
