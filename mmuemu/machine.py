@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 
@@ -22,6 +22,9 @@ from mmuemu.mm.vma import File
 from mmuemu.process import Process
 from mmuemu.sim.costs import CostModel, default_costs, load_costs
 from mmuemu.sim.runners import InstantRunner
+
+if TYPE_CHECKING:
+    from mmuemu.sim.simulation import Simulation
 
 __all__ = ["COUNTERS", "Machine", "Measurement"]
 
@@ -114,6 +117,14 @@ class Machine:
             self.runner.untap(tap)
             m.ns = (self.runner.clock_ps - t0) / 1000
             m.counts = tap
+
+    def simulation(self, preempt: str = "none", hz: int = 250, **options: Any) -> Simulation:
+        """A SimPy simulation over this machine's CPUs: ``preempt`` is the preemption model
+        (none, voluntary, full, lazy), ``hz`` the tick rate; options: ``slice_ns``,
+        ``wakeup_preempt``, ``trace``, ``seed``."""
+        from mmuemu.sim.simulation import Simulation
+
+        return Simulation(self, preempt, hz, **options)
 
     def check(self) -> None:
         """Verify every invariant; raise mmuemu.InvariantError naming the first broken one."""

@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 
 from mmuemu.errors import InvalidArgument
 from mmuemu.info import FolioInfo, PteInfo
-from mmuemu.mm import fault, fork, gup, huge_memory, mmap, zap
+from mmuemu.mm import fault, fork, gup, huge_memory, mmap
 from mmuemu.mm.mm import RSS_NAMES, Mm
 from mmuemu.mm.physmem import F_ANON, F_RESERVED
 from mmuemu.mm.vma import File, VmFlag
@@ -126,7 +126,7 @@ class Process:
     def exit(self) -> None:
         """Tear the address space down (exit_mmap)."""
         k = self._k()
-        self._run(_exit_mmap(k, self.mm))
+        self._run(mmap.exit_mmap(k, self.mm))
 
     def get_pages(self, addr: int, length: int) -> gup.GupHandle:
         """FOLL_GET references on the pages (like vmsplice)."""
@@ -196,17 +196,3 @@ class Process:
 
 def _one(work: Work):  # type: ignore[no-untyped-def]
     yield work
-
-
-def _exit_mmap(k, mm: Mm):  # type: ignore[no-untyped-def]
-    """Mirrors: mm/mmap.c exit_mmap: unmap everything, free every table, drop the mm."""
-    for v in mm.vmas:  # one mmu_gather over every VMA: one flush at the end
-        yield from zap.zap_range(k, mm, v.start, v.end, full=True, flush=False)
-    ops = Ops()
-    k.arch.flush_tlb_mm(mm, ops, k.cpu)
-    yield Work("exit_mmap", ops)
-    k.pt.free_tree(mm.pgd_row)
-    mm.vmas.vmas.clear()
-    mm.dead = True
-    del k.mms[mm.id]
-    k.release_unused_files()

@@ -340,6 +340,7 @@ class Arm64(Arch):
         """Mirrors: arch/arm64/include/asm/tlbflush.h flush_tlb_mm: one broadcast TLBI
         ASIDE1IS (two under KPTI) between DSBs; no IPIs."""
         ops.add("tlb_flush_mm", 1)
+        self.note_flush(mm, ops)
         self._tlbi(ops, 1)
 
     def range_tlbis(self, start: int, end: int, stride_shift: int | None = None) -> int | None:
@@ -386,4 +387,5 @@ class Arm64(Arch):
         if n is None:
             self.flush_tlb_mm(mm, ops, cpu)
         else:
+            self.note_flush(mm, ops, start, end)
             self._tlbi(ops, n)

@@ -387,12 +387,22 @@ class Arch:
     def flush_tlb_mm(self, mm: Any, ops: Ops, cpu: int = 0) -> None:
         """Mirrors: flush_tlb_mm (backends override)."""
         ops.add("tlb_flush_mm", 1)
+        self.note_flush(mm, ops)
 
     def flush_tlb_range(self, mm: Any, start: int, end: int, ops: Ops, cpu: int = 0,
                         stride_shift: int | None = None) -> None:
         """Mirrors: flush_tlb_range (backends override); ``stride_shift`` is the page size
         of the entries flushed (PMD_SHIFT when only PMD leaves were cleared)."""
         ops.add("tlb_flush_range", 1)
+        self.note_flush(mm, ops, start, end)
+
+    @staticmethod
+    def note_flush(mm: Any, ops: Ops, start: int = 0, end: int | None = None) -> None:
+        """Record what a flush invalidates, for runners that model TLBs (no cost)."""
+        from mmuemu.mm.work import TlbFlush
+
+        if mm is not None:
+            ops.flushes.append(TlbFlush(mm.id, start, end))
 
     def flush_tlb_pages(self, mm: Any, n: int, ops: Ops, cpu: int = 0) -> None:
         """``n`` separate flush_tlb_page calls (one per COW-copied page), counted at once:

@@ -232,6 +232,7 @@ class X86_64(Arch):
         """Mirrors: arch/x86/mm/tlb.c flush_tlb_mm: a local flush plus an IPI to every other
         CPU in mm_cpumask (freed_tables=true, so lazy CPUs are not skipped)."""
         ops.add("tlb_flush_mm", 1)
+        self.note_flush(mm, ops)
         others = len(mm.cpumask - {cpu})
         if others:
             ops.add("ipis", others)
@@ -243,6 +244,7 @@ class X86_64(Arch):
         other CPU in mm_cpumask."""
         pages = (end - start) >> (stride_shift or self.page_shift)
         ops.add("tlb_flush_range", 1)
+        self.note_flush(mm, ops, start, end)
         others = len(mm.cpumask - {cpu})
         if others:
             ops.add("ipis", others)

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
-from mmuemu.mm.progress import checkpoint_count, checkpoints
+from mmuemu.mm.progress import LazyCheckpoints, checkpoint_count, checkpoints
 from mmuemu.mm.vma import Vma, VmFlag
 from mmuemu.mm.work import ALL, Ops, Work
 from mmuemu.runs import Rows, as_span, expand_runs, flat_index
@@ -399,16 +399,20 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ops.add("resched_checks", 1, cps)
         cp_arg: Any = cps
     else:
-        ops.add_lazy("resched_checks", count, lambda: checkpoints(inc, sec_start, n_items))
-        cp_arg = lambda: checkpoints(inc, sec_start, n_items)  # noqa: E731
+        assert isinstance(inc, int)
+        cp_arg = LazyCheckpoints(inc, sec_start, n_items)
+        ops.add_lazy("resched_checks", count, cp_arg)
     ops.add("ptl_locks", 2, sec_start)
     ops.add("cond_resched", 1, sec_start)
     ops.add("copy_pte_range", 1, sec_start)
     ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table))[fresh])  # pte_alloc_map_lock
-    if isinstance(c_sel, Rows) and dense and singles:  # one section per whole table
-        lock_ids = c_sel.rows
+    # each section holds the parent's table lock (src_ptl) and the child's (dst_ptl)
+    if isinstance(c_sel, Rows) and isinstance(p_sel, Rows) and dense and singles:  # whole tables
+        lock_ids = np.stack([p_sel.rows, c_sel.rows], axis=1)
     else:
         first_entry = sec_start if starts is None else starts[sec_start]
-        lock_ids = flat_index(c_sel, first_entry) // k.arch.ptrs_per_table
+        n_tab = k.arch.ptrs_per_table
+        lock_ids = np.stack([flat_index(p_sel, first_entry) // n_tab, flat_index(c_sel, first_entry) // n_tab],
+                            axis=1)
     works.append(Work("copy_pte_range", ops, sections=sec_start, locks=("ptl", "ptl"),
                       lock_ids=lock_ids, checkpoints=cp_arg, cond_resched=True))

@@ -295,5 +295,6 @@ def _copy_huge_pmds(k: Kernel, child: Mm, dst: Vma, pflat: I64, cflat: I64, depo
     ops.add("pgtable_allocs", 1, items)
     ops.add("ptl_locks", 2, items)
     ops.add("copy_huge_pmd", 1, items)
+    n = k.arch.ptrs_per_table  # split PMD locks: one per PMD table, parent's and child's
     works.append(Work("copy_huge_pmd", ops, sections=items, locks=("pmd_lock", "pmd_lock"),
-                      lock_ids=pflat.copy()))
+                      lock_ids=np.stack([pflat // n, cflat // n], axis=1)))

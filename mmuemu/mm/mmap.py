@@ -22,7 +22,8 @@ from mmuemu.mm.work import Ops, Work
 from mmuemu.mm.zap import zap_range
 from mmuemu.runs import expand_runs
 
-__all__ = ["ADVICE", "PROTS", "do_madvise", "do_mmap", "do_mprotect", "do_mremap", "do_munmap", "parse_prot"]
+__all__ = ["ADVICE", "PROTS", "do_madvise", "do_mmap", "do_mprotect", "do_mremap", "do_munmap", "exit_mmap",
+           "parse_prot"]
 
 PAGE = 4096
 MMAP_MIN_ADDR = 0x10000
@@ -341,3 +342,17 @@ def _move_vma(k: Kernel, mm: Mm, old: int, length: int, new: int) -> Generator[W
     mm.vmas.insert(dst)
     k.pt.free_unused(mm.pgd_row, old, old + length, mm.vmas.in_use)
     yield Work("move_page_tables", ops)
+
+
+def exit_mmap(k: Kernel, mm: Mm) -> Generator[Work, Any, None]:
+    """Mirrors: mm/mmap.c exit_mmap: unmap everything, free every table, drop the mm."""
+    for v in mm.vmas:  # one mmu_gather over every VMA: one flush at the end
+        yield from zap_range(k, mm, v.start, v.end, full=True, flush=False)
+    ops = Ops()
+    k.arch.flush_tlb_mm(mm, ops, k.cpu)
+    yield Work("exit_mmap", ops)
+    k.pt.free_tree(mm.pgd_row)
+    mm.vmas.vmas.clear()
+    mm.dead = True
+    del k.mms[mm.id]
+    k.release_unused_files()

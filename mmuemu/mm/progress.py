@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["RESCHED_PROGRESS", "checkpoint_count", "checkpoints"]
+__all__ = ["RESCHED_PROGRESS", "LazyCheckpoints", "checkpoint_count", "checkpoints"]
 
 RESCHED_PROGRESS = 32
 I64 = NDArray[np.int64]
@@ -27,6 +27,27 @@ def checkpoint_count(inc: I64 | int, sections: I64, n: int) -> int | None:
     bounds = sections.tolist()
     bounds.append(n)
     return sum(max(0, (b - a - 1) // k) for a, b in itertools.pairwise(bounds))
+
+
+class LazyCheckpoints:
+    """The checkpoints of sections whose items all add ``inc``, listed only when called;
+    :meth:`section_counts` says how many fall in each section without listing them."""
+
+    __slots__ = ("_cps", "inc", "n", "sections")
+
+    def __init__(self, inc: int, sections: I64, n: int) -> None:
+        self.inc, self.sections, self.n = inc, sections, n
+        self._cps: I64 | None = None
+
+    def __call__(self) -> I64:
+        if self._cps is None:
+            self._cps = checkpoints(self.inc, self.sections, self.n)
+        return self._cps
+
+    def section_counts(self) -> I64:
+        k = -(-RESCHED_PROGRESS // self.inc)
+        lens = np.diff(np.append(self.sections, self.n))
+        return np.maximum(0, (lens - 1) // k)
 
 
 def checkpoints(inc: I64 | int, sections: I64, n: int | None = None) -> I64:

@@ -17,7 +17,7 @@ import numpy as np
 from attrs import define, field, frozen
 from numpy.typing import NDArray
 
-__all__ = ["ALL", "Break", "Ops", "Work"]
+__all__ = ["ALL", "Break", "Ops", "TlbFlush", "Work"]
 
 
 _ALL = object()
@@ -33,12 +33,14 @@ class Ops:
     arrays are built only when a runner asks, so the fast path pays one sum per call.
     """
 
-    __slots__ = ("_parts", "n_items", "totals")
+    __slots__ = ("_parts", "flushes", "n_items", "totals")
 
     def __init__(self, n_items: int = 1) -> None:
         self.n_items = max(int(n_items), 1)
         self.totals: dict[str, int] = {}
         self._parts: dict[str, list[tuple[object, object]]] = {}
+        #: TLB invalidations the path issued (a runner with TLBs applies them)
+        self.flushes: list[TlbFlush] = []
 
     def add_each(self, name: str, count: int = 1) -> None:
         """Count ``count`` operations ``name`` for every item."""
@@ -72,6 +74,7 @@ class Ops:
 
     def merge(self, other: Ops, item_offset: int = 0) -> None:
         """Add every count of ``other``, its items shifted by ``item_offset``."""
+        self.flushes.extend(other.flushes)
         for name, parts in other._parts.items():
             for count, items in parts:
                 if items is _ALL:
@@ -106,6 +109,16 @@ class Ops:
         return self.totals.keys()
 
 
+@frozen
+class TlbFlush:
+    """A TLB invalidation issued by a path: the entries of mm ``mm`` in [start, end) (the
+    whole address space when ``end`` is None), on every CPU that may cache them."""
+
+    mm: int
+    start: int = 0
+    end: int | None = None
+
+
 def _empty() -> NDArray[np.int64]:
     return np.zeros(0, dtype=np.int64)
 
@@ -116,7 +129,8 @@ class Work:
 
     ``sections`` holds the first item of every lock section (sorted, starting at 0);
     ``locks`` names the lock classes held in each section (empty: no lock) and ``lock_ids``
-    identifies the lock instance per section (the page-table page for split ptlocks).
+    identifies the lock instances per section (the page-table page for split ptlocks): one
+    id per section, or a row of one id per lock class.
     ``checkpoints`` lists the items before which the path tests ``need_resched()`` and
     ``spin_needbreak()``; a runner may stop the section there.
     """

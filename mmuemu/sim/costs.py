@@ -43,6 +43,13 @@ class CostModel:
     arch: str
     ns: Mapping[str, float] = field(converter=_freeze)
     description: str = ""
+    #: the timing runner's machine parameters (TLB geometry and latencies, IPI and context
+    #: switch costs): the ``[sim]`` table of the file
+    sim: Mapping[str, float] = field(converter=_freeze, factory=dict)
+
+    def param(self, name: str, default: float) -> float:
+        """A ``[sim]`` parameter, or ``default``."""
+        return float(self.sim.get(name, default))
 
     def ps(self, name: str) -> int:
         return round(self.ns.get(name, 0.0) * 1000)
@@ -83,8 +90,11 @@ def load_costs(spec: str | Path | CostModel) -> CostModel:
     ns = data.get("ns")
     if not isinstance(ns, dict) or not all(isinstance(v, int | float) and v >= 0 for v in ns.values()):
         raise ConfigError(f"{path}: key 'ns' must be a table of non-negative numbers (ns per operation)")
+    sim = data.get("sim", {})
+    if not isinstance(sim, dict) or not all(isinstance(v, int | float) and v >= 0 for v in sim.values()):
+        raise ConfigError(f"{path}: key 'sim' must be a table of non-negative numbers")
     return CostModel(str(data.get("name", path.stem)), str(data.get("arch", "")), ns,
-                     str(data.get("description", "")))
+                     str(data.get("description", "")), sim)
 
 
 def default_costs(arch: str) -> CostModel:

@@ -1,0 +1,88 @@
+"""Results of a run: tidy records (pandas-ready dicts), counters, lock and latency
+statistics, and the timeline."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from attrs import asdict, define, field
+
+from mmuemu.sim.locks import LockBook, LockStat
+
+if TYPE_CHECKING:
+    from mmuemu.sim.simulation import Simulation
+    from mmuemu.sim.trace import Trace
+
+__all__ = ["Results"]
+
+
+@define(eq=False)
+class Results:
+    """What a run produced.
+
+    ``records`` are tidy rows (a list of dicts, one per task, lock class and path, and
+    latency summary; units in the column names); ``counters`` are the operation counts;
+    ``latencies`` hold every wakeup as (task, cpu, woken_ns, ran_ns).
+    """
+
+    records: list[dict[str, Any]] = field(factory=list)
+    counters: Counter[str] = field(factory=Counter)
+    latencies: list[tuple[str, int, float, float]] = field(factory=list)
+    locks: list[LockStat] = field(factory=list)
+    #: (task, path, item, time ns) of every lock break
+    breaks: list[tuple[str, str, int, float]] = field(factory=list)
+    errors: list[tuple[str, str]] = field(factory=list)
+    end_ns: float = 0.0
+    events: int = 0
+    ncpus: int = 1
+    _book: LockBook | None = None
+    _trace: Trace | None = None
+
+    @classmethod
+    def from_simulation(cls, sim: Simulation) -> Results:
+        lat = [(name, cpu, w / 1000, r / 1000) for name, cpu, w, r in sim.sched.latencies]
+        res = cls(counters=Counter(sim.stats), latencies=lat, locks=sim.book.stats(),
+                  breaks=[(t, p, i, ps / 1000) for t, p, i, ps in sim.breaks], errors=list(sim.errors),
+                  end_ns=sim.env.now / 1000, events=sim.events, ncpus=len(sim.sched.cpus),
+                  book=sim.book, trace=sim.trace)
+        for t in sim.tasks:
+            row: dict[str, Any] = {"kind": "task", "task": t.name, "cpu": t.cpu,
+                                   "done_ns": None if t.done_ps is None else t.done_ps / 1000}
+            row.update(t.counts)
+            row["fork_ns_mean"] = float(np.mean(t.fork_ns)) if t.fork_ns else None
+            res.records.append(row)
+        for s in res.locks:
+            res.records.append({"kind": "lock", **asdict(s)})
+        for name in sorted({x[0] for x in lat}):
+            v = res.latency_ns(name)
+            res.records.append({"kind": "latency", "task": name, "wakeups": len(v),
+                                "latency_mean_ns": float(v.mean()), "latency_p50_ns": float(np.percentile(v, 50)),
+                                "latency_p99_ns": float(np.percentile(v, 99)), "latency_max_ns": float(v.max())})
+        return res
+
+    def latency_ns(self, task: str | None = None) -> np.ndarray:
+        """Scheduling latency (ns) of every wakeup (of ``task``)."""
+        return np.array([r - w for name, _, w, r in self.latencies if task in (None, name)], dtype=float)
+
+    def hold_times_ns(self, lock: str, path: str | None = None) -> np.ndarray:
+        """Every hold of a lock class (on one path), in ns."""
+        return self._book.hold_times_ns(lock, path) if self._book else np.zeros(0)
+
+    def wait_times_ns(self, lock: str, path: str | None = None) -> np.ndarray:
+        return self._book.wait_times_ns(lock, path) if self._book else np.zeros(0)
+
+    def task(self, name: str) -> dict[str, Any]:
+        """The record of one task."""
+        for r in self.records:
+            if r["kind"] == "task" and r["task"] == name:
+                return r
+        raise KeyError(f"no task {name!r}; tasks: {[r['task'] for r in self.records if r['kind'] == 'task']}")
+
+    def write_trace(self, path: str | Path) -> Path:
+        """Write the Chrome trace-event timeline (open it in https://ui.perfetto.dev)."""
+        if self._trace is None:
+            raise ValueError("this run kept no timeline (Machine.simulation(trace=False))")
+        return self._trace.write(path, self.ncpus)

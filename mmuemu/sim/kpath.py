@@ -1,0 +1,273 @@
+"""Kernel paths on simulated CPUs: lock sections as timed segments that contention cuts.
+
+A Work's lock sections run as *segments*: one SimPy timeout covers every section up to the
+first one whose lock somebody else holds, so an uncontended fork costs one event per Work.
+Contention reshapes a running segment (:meth:`Segment.on`):
+
+- ``resched`` (NEED_RESCHED set on the CPU): stop at the first resched checkpoint or
+  section end after now, where copy_pte_range tests ``need_resched()`` (a lock break), then
+  schedule;
+- ``needbreak`` (a task spins on a lock of the running section): under preemptible models
+  (``spin_needbreak()``) stop at the next checkpoint, else at the end of the section, and
+  hand the lock over;
+- ``claim`` (a task took a lock a later section needs): stop before that section;
+- ``ipi`` (a TLB shootdown interrupts the CPU): everything after now moves later.
+
+After a break the path restarts at the item it stopped before (copy_pte_range's
+``again:``), re-taking its locks; the checkpoints stay where they were, since a break
+happens where ``progress`` was reset anyway.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mmuemu.mm.work import Break, Work
+from mmuemu.sim.timing import WorkTiming
+
+if TYPE_CHECKING:
+    from mmuemu.sim.simulation import Simulation
+    from mmuemu.sim.tasks import Task
+
+__all__ = ["Busy", "Segment", "run_path"]
+
+Key = tuple[str, int]
+
+
+class Busy:
+    """A timed activity of a task: runs until ``end`` (ps) unless a poke moves it.
+
+    ``mode`` is ``"user"`` (preempted by any resched request), ``"kernel"`` (preempted
+    only under preemptible models, by NEED_RESCHED) or ``"atomic"`` (spinlock held: never).
+    """
+
+    def __init__(self, sim: Simulation, task: Task, ps: int, mode: str) -> None:
+        self.sim, self.task, self.mode = sim, task, mode
+        self.start = sim.now_ps
+        self.planned = self.start + ps
+        self.end = self.planned
+        self.preempted = False
+
+    def on(self, cause: tuple[Any, ...], now: int) -> bool:
+        if cause[0] == "ipi":
+            self.end += cause[1]
+            self.planned += cause[1]
+            return True
+        if cause[0] != "resched" or self.mode == "atomic" or now >= self.end:
+            return False
+        cpu = self.sim.sched.cpus[self.task.cpu]  # type: ignore[index]
+        if self.mode == "user":
+            go = cpu.need_resched or cpu.need_resched_lazy
+        else:
+            go = self.sim.sched.preemptible and cpu.need_resched
+        if go and cpu.rq:
+            self.end = now
+            self.preempted = True
+            return True
+        return False
+
+    @property
+    def remaining(self) -> int:
+        return self.planned - self.end
+
+
+class Segment:
+    """Consecutive lock sections of one Work, from item ``item`` of section ``sec`` up to
+    (not including) section ``stop``, as one timed activity."""
+
+    def __init__(self, sim: Simulation, task: Task, work: Work, timing: WorkTiming, sec: int,
+                 item: int, stop: int) -> None:
+        self.sim, self.task, self.work, self.timing = sim, task, work, timing
+        self.sec, self.item, self.stop = sec, item, stop
+        self.t0 = sim.now_ps
+        self.w0 = int(timing.starts[sec]) if item == int(work.sections[sec]) else int(timing.item_start(np.array([item]))[0])
+        self.delay = 0
+        self.brk: int | None = None
+        self.resched = False
+        self.end = self.real(int(timing.starts[stop]))
+
+    def real(self, w: int) -> int:
+        return self.t0 + (w - self.w0) + self.delay
+
+    def current_section(self, now: int) -> int:
+        w = now - self.t0 - self.delay + self.w0
+        s = int(np.searchsorted(self.timing.starts, w, side="right")) - 1
+        return min(max(s, self.sec), self.stop - 1)
+
+    def keys(self, s: int) -> list[Key]:
+        """The locks section ``s`` holds, as (class, id)."""
+        ids = self.work.lock_ids
+        row = ids[s]
+        if np.ndim(row) == 0:
+            return [(self.work.locks[0], int(row))] if self.work.locks else []
+        return [(cls, int(i)) for cls, i in zip(self.work.locks, row.tolist(), strict=True)]
+
+    def find(self, key: Key, now: int) -> tuple[int, bool] | None:
+        """The section of this segment that holds ``key`` now or will take it: (section,
+        held now)."""
+        cls, ident = key
+        if cls not in self.work.locks:
+            return None
+        cur = self.current_section(now)
+        ids = self.work.lock_ids[cur : self.stop]
+        if ids.ndim == 1:
+            hit = np.flatnonzero(ids == ident)
+        else:
+            cols = [j for j, c in enumerate(self.work.locks) if c == cls]
+            hit = np.flatnonzero((ids[:, cols] == ident).any(axis=1))
+        if not len(hit):
+            return None
+        s = cur + int(hit[0])
+        return s, s == cur and now < self.end
+
+    # ------------------------------------------------------------ contention
+    def on(self, cause: tuple[Any, ...], now: int) -> bool:
+        kind = cause[0]
+        if kind == "ipi":
+            self.delay += cause[1]
+            self.end += cause[1]
+            return True
+        if now >= self.end:
+            return False
+        if kind == "claim":
+            c = int(cause[1])
+            if c >= self.stop:
+                return False
+            self.stop = c
+            new = self.real(int(self.timing.starts[c]))
+            if new < self.end:
+                self.end, self.brk = new, None
+            return True
+        sched = self.sim.sched
+        if kind == "resched":
+            cpu = sched.cpus[self.task.cpu]  # type: ignore[index]
+            if not cpu.need_resched:  # need_resched() ignores a lazy request
+                return False
+            self.resched = True
+            switch_at_end = self.work.cond_resched or sched.preemptible
+            return self._stop_early(now, checkpoints=True, at_section_end=switch_at_end)
+        if kind == "needbreak":
+            return self._stop_early(now, checkpoints=sched.spin_needbreak(), at_section_end=True)
+        return False
+
+    def _stop_early(self, now: int, checkpoints: bool, at_section_end: bool) -> bool:
+        """End the segment at the first checkpoint (if ``checkpoints``) or section end (if
+        ``at_section_end``) after now."""
+        s = self.current_section(now)
+        w = now - self.t0 - self.delay + self.w0
+        best: tuple[int, int | None, int] | None = None  # (time, break item, stop)
+        if checkpoints:
+            cps = self.work.checkpoints
+            lo = self.item if s == self.sec else int(self.work.sections[s])
+            hi = int(self.timing.ends[s])
+            a, b = np.searchsorted(cps, [lo + 1, hi])
+            cand = cps[a:b]
+            if len(cand):
+                t = self.timing.item_start(cand)
+                j = int(np.searchsorted(t, w, side="left"))
+                if j < len(cand):
+                    best = (self.real(int(t[j])), int(cand[j]), s + 1)
+        if best is None and at_section_end:
+            best = (self.real(int(self.timing.starts[s + 1])), None, s + 1)
+        if best is None or best[0] > self.end:
+            return False
+        self.end, self.brk, self.stop = best[0], best[1], min(self.stop, best[2])
+        return True
+
+
+def run_path(sim: Simulation, task: Task, gen: Generator[Work, Any, Any],
+             mm_id: int | None = None) -> Generator[Any, Any, Any]:
+    """Drive a kernel path on ``task``'s CPU; return what the path returns.  A path that
+    changes the page tables of mm ``mm_id`` reports it as each of its Works is written."""
+    reply: Break | None = None
+    while True:
+        sim.kernel.cpu = task.cpu or 0
+        try:
+            work = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            if mm_id is not None:
+                sim.pt_changed(mm_id, by=task)
+        reply = yield from execute(sim, task, work)
+
+
+def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Break | None]:
+    """Run one Work: a plain timed activity, or its lock sections as segments."""
+    totals = Counter(work.ops.totals)
+    if not work.locks and len(work.sections) == 1 and not work.cond_resched:
+        ps = sim.total_ps(totals)
+        yield from sim.busy(task, ps, "kernel", work.path)
+        sim.account(task, work, totals)
+        return None
+    reply: Break | None = None
+    timing = WorkTiming(sim.costs, work, sim.extra_ps)
+    n_sec = len(work.sections)
+    classes = sorted(set(work.locks))
+    s, item = 0, 0
+    while s < n_sec:
+        keys = _section_keys(work, s)
+        for key in keys:
+            yield from sim.spin_lock(task, key, work.path)
+        stop = sim.first_conflict(task, work, s + 1, n_sec)
+        seg = Segment(sim, task, work, timing, s, item, stop)
+        yield from sim.run_segment(task, seg)
+        last = timing.section_of(seg.brk) if seg.brk is not None else seg.stop - 1
+        _record_holds(sim, seg, classes, last)
+        for key in _section_keys(work, last):
+            sim.locks.release(key, task)
+        switch = seg.resched and sim.sched.wants_switch(task)
+        if seg.brk is not None:
+            extra = {"lock_breaks": 1, "ptl_locks": len(work.locks), "cond_resched": 1}
+            if switch:
+                extra["resched_yields"] = 1
+            reply = reply or Break(seg.brk)
+            totals.update(extra)
+            sim.note_break(task, work, seg.brk)
+            if switch:
+                yield from sim.sched.preempt(task)
+            yield from sim.busy(task, sim.total_ps(extra), "atomic", work.path)
+            s, item = last, seg.brk
+            continue
+        if switch:  # at a section end: cond_resched(), or preemption at the unlock
+            totals["resched_yields"] += 1
+            yield from sim.sched.preempt(task)
+        s = seg.stop
+        item = int(work.sections[s]) if s < n_sec else work.ops.n_items
+    sim.account(task, work, totals)
+    return reply
+
+
+def _section_keys(work: Work, s: int) -> list[Key]:
+    if not work.locks:
+        return []
+    row = work.lock_ids[s]
+    if np.ndim(row) == 0:
+        return [(work.locks[0], int(row))]
+    seen: list[Key] = []
+    for cls, i in zip(work.locks, row.tolist(), strict=True):
+        if (cls, int(i)) not in seen:
+            seen.append((cls, int(i)))
+    return seen
+
+
+def _record_holds(sim: Simulation, seg: Segment, classes: list[str], last: int) -> None:
+    """Hold times of sections ``seg.sec..last`` (a broken section counts its part)."""
+    if not classes:
+        return
+    t = seg.timing
+    lo = t.starts[seg.sec : last + 1].copy()
+    hi = t.starts[seg.sec + 1 : last + 2].copy()
+    lo[0] = seg.w0
+    w_end = seg.end - seg.t0 - seg.delay + seg.w0
+    hi[-1] = min(int(hi[-1]), w_end)
+    dur = hi - lo
+    dur[-1] += seg.delay
+    for cls in classes:
+        sim.book.holds(cls, seg.work.path, dur)
+    if sim.trace is not None:
+        sim.trace.holds(seg, lo, hi, last)
