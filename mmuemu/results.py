@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from attrs import asdict, define, field
 
-from mmuemu.sim.locks import LockBook, LockStat
+from mmuemu.sim.locks import LockBook, LockStat, quantile
 
 if TYPE_CHECKING:
     from mmuemu.sim.simulation import Simulation
@@ -57,10 +57,10 @@ class Results:
         for s in res.locks:
             res.records.append({"kind": "lock", **asdict(s)})
         for name in sorted({x[0] for x in lat}):
-            v = res.latency_ns(name)
+            v = np.sort(res.latency_ns(name))
             res.records.append({"kind": "latency", "task": name, "wakeups": len(v),
-                                "latency_mean_ns": float(v.mean()), "latency_p50_ns": float(np.percentile(v, 50)),
-                                "latency_p99_ns": float(np.percentile(v, 99)), "latency_max_ns": float(v.max())})
+                                "latency_mean_ns": float(v.mean()), "latency_p50_ns": quantile(v, 0.5),
+                                "latency_p99_ns": quantile(v, 0.99), "latency_max_ns": float(v[-1])})
         return res
 
     def latency_ns(self, task: str | None = None) -> np.ndarray:

@@ -56,6 +56,27 @@ def longest_stretch_ns(m: mmuemu.Machine, works: list[mmuemu.mm.Work]) -> float:
     return best / 1000
 
 
+# ---------------------------------------------------------------- section and item times
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize(("order", "split", "pin"), [(0, False, False), (4, False, True), (9, True, False),
+                                                     (9, True, True), (0, False, True)])
+@pytest.mark.parametrize("mode", ["batched", "legacy"])
+def test_item_starts_agree_with_per_item_costs(arch: str, order: int, split: bool, pin: bool, mode: str) -> None:
+    """Section sums and item positions found by search equal a plain per-item cumsum."""
+    m, p, a = machine(arch, size=8 * MiB, order=order, split=split, mode=mode)
+    if pin:  # pinned exclusive pages are copied at fork: items of several kinds
+        p.pin(a + 3 * MiB, 300 * 4096, write=True)
+        p.munmap(a + 5 * MiB, 64 * 1024)  # and a hole
+    for w in captured_works(m, p):
+        t = WorkTiming(m.costs, w)
+        ref = np.concatenate([[0], np.cumsum(m.costs.item_ps(w.ops))])
+        assert t.total == ref[-1] == m.costs.total_ps(w.ops.totals)
+        assert (t.starts[:-1] == ref[w.sections]).all()
+        for s in range(len(w.sections)):
+            items = np.arange(w.sections[s], t.ends[s])
+            assert (t.item_start(items) == ref[items]).all(), (w.path, s)
+
+
 # ---------------------------------------------------------------- no contention
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize(("order", "split"), [(0, False), (4, False), (9, True), (9, False)])

@@ -266,7 +266,8 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     ae_n = e.ae if dense else e.ae[ent_n]
     if ae_n.any():
         if singles:
-            ops.add("anon_exclusive_clears", 1, ni[ae_n])
+            all_ae = every and len(ni) == ops.n_items and bool(ae_n.all())
+            ops.add("anon_exclusive_clears", 1, ALL if all_ae else ni[ae_n])
         else:
             ops.add("anon_exclusive_clears", np.add.reduceat(E(e.ae).astype(np.int64), offsets()),
                     ALL if every else di)

@@ -44,6 +44,13 @@ class LazyCheckpoints:
             self._cps = checkpoints(self.inc, self.sections, self.n)
         return self._cps
 
+    def in_section(self, s: int) -> I64:
+        """The checkpoints of section ``s`` (closed form)."""
+        k = -(-RESCHED_PROGRESS // self.inc)
+        lo = int(self.sections[s])
+        hi = int(self.sections[s + 1]) if s + 1 < len(self.sections) else self.n
+        return lo + k * np.arange(1, (hi - lo - 1) // k + 1, dtype=np.int64) if hi - lo > 1 else np.zeros(0, np.int64)
+
     def section_counts(self) -> I64:
         k = -(-RESCHED_PROGRESS // self.inc)
         lens = np.diff(np.append(self.sections, self.n))

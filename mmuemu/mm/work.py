@@ -151,6 +151,18 @@ class Work:
             self._checkpoints = self._checkpoints()
         return self._checkpoints
 
+    def section_checkpoints(self, s: int) -> NDArray[np.int64]:
+        """The checkpoints inside section ``s``."""
+        cps = self._checkpoints
+        in_section = getattr(cps, "in_section", None)
+        if in_section is not None:
+            return in_section(s)  # type: ignore[no-any-return]
+        cps = self.checkpoints
+        lo = self.sections[s]
+        hi = self.sections[s + 1] if s + 1 < len(self.sections) else self.ops.n_items
+        a, b = np.searchsorted(cps, [lo, hi])
+        return cps[a:b]
+
     @property
     def totals(self) -> Mapping[str, int]:
         return self.ops.totals

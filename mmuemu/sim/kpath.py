@@ -80,13 +80,15 @@ class Segment:
     (not including) section ``stop``, as one timed activity."""
 
     def __init__(self, sim: Simulation, task: Task, work: Work, timing: WorkTiming, sec: int,
-                 item: int, stop: int) -> None:
+                 item: int, stop: int, w0: int | None = None, lead: int = 0) -> None:
         self.sim, self.task, self.work, self.timing = sim, task, work, timing
         self.sec, self.item, self.stop = sec, item, stop
-        self.t0 = sim.now_ps
-        self.w0 = int(timing.starts[sec]) if item == int(work.sections[sec]) else int(timing.item_start(np.array([item]))[0])
+        self.t0 = sim.now_ps + lead  # ``lead``: work done first (re-taking the locks after a break)
+        #: where the segment starts in the Work's own time (ps)
+        self.w0 = int(timing.starts[sec]) if w0 is None else w0
         self.delay = 0
         self.brk: int | None = None
+        self.brk_w = 0  # the break item's start in the Work's time
         self.resched = False
         self.end = self.real(int(timing.starts[stop]))
 
@@ -159,23 +161,21 @@ class Segment:
         ``at_section_end``) after now."""
         s = self.current_section(now)
         w = now - self.t0 - self.delay + self.w0
-        best: tuple[int, int | None, int] | None = None  # (time, break item, stop)
+        best: tuple[int, int | None, int, int] | None = None  # (time, break item, stop, work time)
         if checkpoints:
-            cps = self.work.checkpoints
-            lo = self.item if s == self.sec else int(self.work.sections[s])
-            hi = int(self.timing.ends[s])
-            a, b = np.searchsorted(cps, [lo + 1, hi])
-            cand = cps[a:b]
+            cand = self.work.section_checkpoints(s)
+            if s == self.sec:  # a restarted section: only the checkpoints after its restart
+                cand = cand[cand > self.item]
             if len(cand):
                 t = self.timing.item_start(cand)
                 j = int(np.searchsorted(t, w, side="left"))
                 if j < len(cand):
-                    best = (self.real(int(t[j])), int(cand[j]), s + 1)
+                    best = (self.real(int(t[j])), int(cand[j]), s + 1, int(t[j]))
         if best is None and at_section_end:
-            best = (self.real(int(self.timing.starts[s + 1])), None, s + 1)
+            best = (self.real(int(self.timing.starts[s + 1])), None, s + 1, 0)
         if best is None or best[0] > self.end:
             return False
-        self.end, self.brk, self.stop = best[0], best[1], min(self.stop, best[2])
+        self.end, self.brk, self.stop, self.brk_w = best[0], best[1], min(self.stop, best[2]), best[3]
         return True
 
 
@@ -205,16 +205,19 @@ def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Brea
         sim.account(task, work, totals)
         return None
     reply: Break | None = None
-    timing = WorkTiming(sim.costs, work, sim.extra_ps)
+    timing = WorkTiming(sim.ps, work)
     n_sec = len(work.sections)
     classes = sorted(set(work.locks))
     s, item = 0, 0
+    w0: int | None = None  # the restart point's start in the Work's time, after a break
+    lead = 0  # the cost of restarting after a break, paid before the next segment
     while s < n_sec:
         keys = _section_keys(work, s)
         for key in keys:
             yield from sim.spin_lock(task, key, work.path)
         stop = sim.first_conflict(task, work, s + 1, n_sec)
-        seg = Segment(sim, task, work, timing, s, item, stop)
+        seg = Segment(sim, task, work, timing, s, item, stop, w0, lead)
+        lead = 0
         yield from sim.run_segment(task, seg)
         last = timing.section_of(seg.brk) if seg.brk is not None else seg.stop - 1
         _record_holds(sim, seg, classes, last)
@@ -230,13 +233,12 @@ def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Brea
             sim.note_break(task, work, seg.brk)
             if switch:
                 yield from sim.sched.preempt(task)
-            yield from sim.busy(task, sim.total_ps(extra), "atomic", work.path)
-            s, item = last, seg.brk
+            s, item, w0, lead = last, seg.brk, seg.brk_w, sim.total_ps(extra)
             continue
         if switch:  # at a section end: cond_resched(), or preemption at the unlock
             totals["resched_yields"] += 1
             yield from sim.sched.preempt(task)
-        s = seg.stop
+        s, w0 = seg.stop, None
         item = int(work.sections[s]) if s < n_sec else work.ops.n_items
     sim.account(task, work, totals)
     return reply

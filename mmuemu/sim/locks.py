@@ -19,7 +19,7 @@ from attrs import define, field, frozen
 if TYPE_CHECKING:
     from mmuemu.sim.tasks import Task
 
-__all__ = ["LockBook", "LockStat", "LockTable", "RwSem", "SpinLock"]
+__all__ = ["LockBook", "LockStat", "LockTable", "RwSem", "SpinLock", "quantile"]
 
 Key = tuple[str, int]
 
@@ -67,18 +67,27 @@ class LockBook:
     def stats(self) -> list[LockStat]:
         out = []
         for key in sorted(set(self._holds) | set(self._waits)):
-            h = np.concatenate(self._holds[key]) / 1000 if self._holds.get(key) else np.zeros(0)
+            h = np.sort(np.concatenate(self._holds[key])) / 1000 if self._holds.get(key) else np.zeros(0)
             w = np.asarray(self._waits.get(key, []), dtype=float)
             out.append(LockStat(
                 key[0], key[1], len(h),
-                float(h.mean()) if len(h) else 0.0,
-                float(np.percentile(h, 50)) if len(h) else 0.0,
-                float(np.percentile(h, 99)) if len(h) else 0.0,
-                float(h.max()) if len(h) else 0.0,
+                float(h.mean()) if len(h) else 0.0, quantile(h, 0.5), quantile(h, 0.99),
+                float(h[-1]) if len(h) else 0.0,
                 len(w), float(w.mean()) if len(w) else 0.0, float(w.max()) if len(w) else 0.0,
                 float(w.sum()),
             ))
         return out
+
+
+def quantile(sorted_values: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of sorted values, interpolated linearly (numpy's default)."""
+    n = len(sorted_values)
+    if not n:
+        return 0.0
+    pos = q * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
 
 
 @define(eq=False)

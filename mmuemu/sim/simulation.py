@@ -22,6 +22,7 @@ from mmuemu.sim.locks import LockBook, LockTable, RwSem
 from mmuemu.sim.program import check_program
 from mmuemu.sim.sched import Scheduler
 from mmuemu.sim.tasks import Task
+from mmuemu.sim.timing import ps_table
 from mmuemu.sim.tlb import Tlb, TlbGeometry
 from mmuemu.sim.trace import Trace
 
@@ -51,7 +52,8 @@ class Simulation:
         self.trace: Trace | None = Trace() if trace else None
         self.sched.trace = self.trace
         self.stats: Counter[str] = Counter()
-        self.extra_ps = {"busy_ns": 1000}
+        #: picoseconds per operation (``busy_ns`` counts nanoseconds of plain work)
+        self.ps = ps_table(self.costs, {"busy_ns": 1000})
         self.tasks: list[Task] = []
         self.segments: list[Segment] = []
         self.mmap_locks: dict[int, RwSem] = {}
@@ -127,8 +129,8 @@ class Simulation:
 
     # ------------------------------------------------------------ time
     def total_ps(self, totals: Counter[str] | dict[str, int]) -> int:
-        extra = totals.get("busy_ns", 0) * 1000
-        return self.costs.total_ps(totals) + extra
+        ps = self.ps
+        return sum(ps[name] * int(c) for name, c in totals.items() if name in ps)
 
     def busy(self, task: Task, ps: int, mode: str, what: str) -> Generator[Any, Any, None]:
         """Spend ``ps`` on ``task``'s CPU; user and (under preemptible models) kernel work is

@@ -9,6 +9,9 @@ section starts with one search per section, so a section costs nothing per item.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -16,7 +19,7 @@ from mmuemu.mm.progress import LazyCheckpoints
 from mmuemu.mm.work import ALL, Work
 from mmuemu.sim.costs import CostModel
 
-__all__ = ["WorkTiming"]
+__all__ = ["WorkTiming", "ps_table"]
 
 I64 = NDArray[np.int64]
 
@@ -26,11 +29,13 @@ class WorkTiming:
     ``starts`` (cumulative, so ``starts[s]`` is when section ``s`` begins and
     ``starts[-1] == total``); :meth:`item_start` gives item positions on demand."""
 
-    __slots__ = ("_cache", "_const", "_item_cum", "_other", "costs", "ends", "extra", "section", "starts",
+    __slots__ = ("_const", "_item_cum", "_other", "_ranged", "costs", "ends", "section", "starts",
                  "total", "work")
 
-    def __init__(self, costs: CostModel, work: Work, extra_ps: dict[str, int] | None = None) -> None:
-        self.costs, self.work, self.extra = costs, work, extra_ps
+    def __init__(self, costs: CostModel | Mapping[str, int], work: Work, extra_ps: dict[str, int] | None = None) -> None:
+        if isinstance(costs, CostModel):
+            costs = ps_table(costs, extra_ps)
+        self.costs, self.work = costs, work
         ops = work.ops
         n = ops.n_items
         sections = work.sections
@@ -40,7 +45,7 @@ class WorkTiming:
         const = 0
         other: list[tuple[int, object, object]] = []
         for name in ops.names():
-            p = _ps(costs, name, extra_ps)
+            p = costs.get(name, 0)
             if not p:
                 continue
             for count, items in ops._parts.get(name, ()):
@@ -52,11 +57,11 @@ class WorkTiming:
         for p, count, items in other:
             sec += p * _section_counts(count, items, sections, lens, n)
         self._const, self._other = const, other
+        self._ranged: list[tuple[str, Any, Any]] | None = None
         self.section = sec
         self.starts = np.concatenate([[0], np.cumsum(sec)])
         self.total = int(self.starts[-1])
         self._item_cum: I64 | None = None
-        self._cache: dict[int, I64] = {}
 
     def item_start(self, items: I64) -> I64:
         """When each of these items begins (ps from the start of the Work)."""
@@ -68,27 +73,50 @@ class WorkTiming:
         return self._all_items(items)
 
     def _in_section(self, s: int, items: I64) -> I64:
-        """Item starts computed from one section's items only (a section costs its length)."""
-        cum = self._cache.get(s)
+        """Starts of items of section ``s``: the uniform cost times the items before, plus
+        each sparse count's items before (a search per count, nothing per item)."""
         lo = int(self.work.sections[s])
-        if cum is None:
-            hi = int(self.ends[s])
-            per = np.full(hi - lo, self._const, np.int64)
-            for i, (p, count, its) in enumerate(self._other):
-                if callable(its):  # listed once, kept
-                    its = its()
-                    self._other[i] = (p, count, its)
-                per += p * _range_counts(count, its, lo, hi)
-            cum = np.concatenate([[0], np.cumsum(per)]) + self.starts[s]
-            self._cache[s] = cum
-        return cum[items - lo]
+        out = self.starts[s] + self._const * (items - lo)
+        for kind, a, b in self._ranged_parts():
+            if kind == "first":  # counted at each section's first item
+                out = out + a * (items > lo)
+            elif kind == "lazy":
+                out = out + a * np.searchsorted(b.in_section(s), items)
+            elif kind == "item0":
+                out = out + (a * (items > 0) if lo == 0 else 0)
+            elif kind == "cum":
+                out = out + (a[items] - a[lo])
+            else:
+                out = out + (a[np.searchsorted(b, items)] - a[np.searchsorted(b, lo)])
+        return out  # type: ignore[no-any-return]
+
+    def _ranged_parts(self) -> list[tuple[str, Any, Any]]:
+        """The non-uniform counts, each ready for range queries (built once)."""
+        if self._ranged is None:
+            secs = self.work.sections
+            out: list[tuple[str, Any, Any]] = []
+            for p, c, i in self._other:
+                if i is secs and not isinstance(c, np.ndarray):
+                    out.append(("first", p * int(c), None))  # type: ignore[call-overload]
+                elif isinstance(i, LazyCheckpoints) and i.sections is secs:
+                    out.append(("lazy", p * int(c), i))  # type: ignore[call-overload]
+                elif i is ALL:  # (an array: scalar counts are in the uniform cost)
+                    out.append(("cum", np.concatenate([[0], np.cumsum(p * np.asarray(c, np.int64))]), None))
+                elif i is None:
+                    out.append(("item0", p * int(np.sum(c)), None))  # type: ignore[call-overload]
+                else:
+                    c2, idx = _sorted_part(c, i)
+                    w = p * np.broadcast_to(np.asarray(c2, np.int64), np.shape(idx))
+                    out.append(("sparse", np.concatenate([[0], np.cumsum(w)]), idx))
+            self._ranged = out
+        return self._ranged
 
     def _all_items(self, items: I64) -> I64:
         if self._item_cum is None:
             ops = self.work.ops
             per = np.zeros(ops.n_items, np.int64)
             for name in ops.names():
-                p = _ps(self.costs, name, self.extra)
+                p = self.costs.get(name, 0)
                 if p:
                     per += p * ops.per_item(name)
             self._item_cum = np.concatenate([[0], np.cumsum(per)])
@@ -101,10 +129,11 @@ class WorkTiming:
         return int(np.searchsorted(self.work.sections, item, side="right") - 1)
 
 
-def _ps(costs: CostModel, name: str, extra: dict[str, int] | None) -> int:
-    if extra and name in extra:
-        return extra[name]
-    return costs.ps(name)
+def ps_table(costs: CostModel, extra: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Every operation's cost in picoseconds (``extra`` adds or overrides)."""
+    out = {name: costs.ps(name) for name in costs.ns}
+    out.update(extra or {})
+    return out
 
 
 def _section_counts(count: object, items: object, sections: I64, lens: I64, n: int) -> I64:
@@ -114,6 +143,8 @@ def _section_counts(count: object, items: object, sections: I64, lens: I64, n: i
         if isinstance(count, np.ndarray):
             return np.add.reduceat(count.astype(np.int64), sections) if n else np.zeros(s, np.int64)
         return lens * int(count)  # type: ignore[call-overload]
+    if items is sections and not isinstance(count, np.ndarray):  # once per section
+        return np.full(s, int(count), np.int64)  # type: ignore[call-overload]
     if isinstance(items, LazyCheckpoints) and items.sections is sections:
         return items.section_counts() * int(count)  # type: ignore[call-overload]
     if callable(items):
@@ -137,25 +168,18 @@ def _section_counts(count: object, items: object, sections: I64, lens: I64, n: i
     return np.diff(cut) * int(count)  # type: ignore[call-overload]
 
 
-def _range_counts(count: object, items: object, lo: int, hi: int) -> I64:
-    """Per-item counts of one part of an Ops for items ``lo..hi-1``."""
-    out = np.zeros(hi - lo, np.int64)
-    if items is ALL:
-        out += count[lo:hi] if isinstance(count, np.ndarray) else int(count)  # type: ignore[call-overload]
-        return out
+def _is_sorted(a: I64) -> bool:
+    return bool((a[1:] >= a[:-1]).all())
+
+
+def _sorted_part(count: object, items: object) -> tuple[object, I64]:
+    """A part's items listed and in order (with their counts)."""
     if callable(items):
         items = items()
-    if items is None:
-        if lo == 0:
-            out[0] += int(np.sum(count))  # type: ignore[call-overload]
-        return out
     idx = np.atleast_1d(np.asarray(items, dtype=np.int64))
-    cnt = np.broadcast_to(np.asarray(count, dtype=np.int64), idx.shape)
-    if len(idx) > 1 and not bool((idx[1:] >= idx[:-1]).all()):
-        keep = (idx >= lo) & (idx < hi)
-        idx, cnt = idx[keep], cnt[keep]
-    else:
-        a, b = np.searchsorted(idx, [lo, hi])
-        idx, cnt = idx[a:b], cnt[a:b]
-    np.add.at(out, idx - lo, cnt)
-    return out
+    if len(idx) > 1 and not _is_sorted(idx):
+        order = np.argsort(idx, kind="stable")
+        idx = idx[order]
+        if isinstance(count, np.ndarray) and count.ndim:
+            count = count[order]
+    return count, idx
