@@ -141,4 +141,5 @@ def _zap_ptes(k: Kernel, mm: Mm, idx: I64, vals: NDArray[np.uint64], mode: str, 
     ops2.add("folio_ref_ops", 1, ni)
     sec = np.flatnonzero(np.append(True, tab[starts][1:] != tab[starts][:-1]))
     ops2.add("ptl_locks", 1, sec)
-    return Work("zap_pte_range", ops2, sections=sec, locks=("ptl",), lock_ids=tab[starts][sec])
+    # zap_pmd_range calls cond_resched() after each table (its cost is in the per-table costs)
+    return Work("zap_pte_range", ops2, sections=sec, locks=("ptl",), lock_ids=tab[starts][sec], cond_resched=True)

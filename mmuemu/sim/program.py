@@ -153,15 +153,17 @@ class Madvise:
 
 @frozen
 class RmapWalk:
-    """A kernel thread's rmap walk (reclaim or migration) over pages of ``process`` at
-    ``addr``: takes the PTE-table lock of the table mapping each page (no mmap_lock), holds
-    it for ``hold_ns`` (page_referenced / try_to_unmap work), releases it."""
+    """A kernel thread's rmap walk (reclaim or migration) over ``pages`` pages of
+    ``process`` from ``addr``, ``stride`` bytes apart: for each, it takes the PTE-table lock
+    of the table mapping it (no mmap_lock), holds it for ``hold_ns`` (page_referenced /
+    try_to_unmap work) and releases it."""
 
     process: Any
     addr: int
     pages: int = 1
     hold_ns: float = 2000.0
     kind: str = "reclaim"
+    stride: int = 4096
 
 
 @frozen

@@ -230,7 +230,7 @@ class Task:
         sim, k = self.sim, self.sim.kernel
         mm = act.process.mm
         for i in range(act.pages):
-            addr = act.addr + (i << 12)
+            addr = act.addr + i * act.stride
             row = _table_row(k, mm, addr)
             ops = Ops()
             ops.add("busy_ns", round(act.hold_ns))
