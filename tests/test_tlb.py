@@ -346,3 +346,29 @@ def test_hash_collisions_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
     got = Tlb(l1, l2).lookup(tags, w)
     assert np.array_equal(got.level, want.level) and np.array_equal(got.writable, want.writable)
     assert RefTlb(l1, l2).lookup(tags, w)[0] == got.level.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(l1=geometries, l2=geometries, script=ops)
+def test_single_accesses_match_reference(l1: TlbGeometry, l2: TlbGeometry, script: list[tuple]) -> None:
+    """access_one (the fault path's one-access lookup) and probe agree with the reference,
+    interleaved with batch lookups and flushes."""
+    tlb, ref = Tlb(l1, l2), RefTlb(l1, l2)
+    for n, op in enumerate(script):
+        if op[0] != "batch":
+            tlb.flush_all()
+            ref.drop(lambda t: True)
+            continue
+        for i, w in op[1]:
+            tag = int(POOL[i])
+            before = tlb.probe(tag)
+            if n % 2:
+                got = tlb.access_one(tag, w)
+                level, writable = ref.lookup(np.array([tag]), np.array([w]))
+                assert got == (level[0], writable[0])
+                assert before[0] == level[0]
+            else:
+                one = tlb.lookup(np.array([tag]), np.array([w]))
+                ref.lookup(np.array([tag]), np.array([w]))
+                assert before[0] == int(one.level[0])
+        _check_same(tlb, ref)

@@ -163,19 +163,43 @@ def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, 
     done = 0
     pending: I64 | None = None
     pending_w: NDArray[np.bool_] | None = None
+    # after a fault, accesses go one at a time while faults keep coming (COW after a fork),
+    # then batches grow back
+    size, retry = BATCH, False
     while done < act.count:
-        n = min(BATCH, act.count - done)
-        if pending is None:
-            addrs = _addresses(act, done, n, rng)
-            is_w = rng.random(n) < act.writes if act.writes > 0 else np.zeros(n, bool)
-        else:
-            addrs, is_w = pending[:n], pending_w[:n]  # type: ignore[index]
+        if pending is None:  # the next BATCH accesses of the stream
+            m = min(BATCH, act.count - done)
+            pending = _addresses(act, done, m, rng)
+            pending_w = rng.random(m) < act.writes if act.writes > 0 else np.zeros(m, bool)
+        n = min(size, len(pending))
+        addrs, is_w = pending[:n], pending_w[:n]  # type: ignore[index]
         region.refresh()
+        tlb = sim.tlbs[task.cpu]
+        if size == 1:  # right after a fault: probe the next access alone
+            first = int(addrs[0])
+            i0 = (first - start) >> 12
+            tag = int(make_tags(mm.id, addrs[:1], int(region.shift[i0]))[0])
+            if _faults(region, tlb.probe(tag), i0, bool(is_w[0])):
+                ok = yield from _fault(sim, task, first, bool(is_w[0]))
+                if not ok:
+                    return
+                retry = True
+                continue
+            # it goes through: one access, one lookup (fault-dense streams stay cheap)
+            level, _ = tlb.access_one(tag, bool(region.writable[i0]))
+            _account(sim, task, act, region, page_of(addrs[:1], start), is_w[:1], np.array([level], np.int8))
+            yield from sim.busy(task, ns_ps + int(level_ps[level]), "user", "access")
+            done += 1
+            pending, pending_w = pending[1:], pending_w[1:]  # type: ignore[index]
+            if not len(pending):
+                pending = pending_w = None
+            size = 1 if retry else 64  # the retried access passed; the next may fault too
+            retry = False
+            continue
         page = (addrs - start) >> 12
         shift = region.shift[page]
         tags = make_tags(mm.id, addrs, shift)
         pte_w = region.writable[page]
-        tlb = sim.tlbs[task.cpu]  # type: ignore[index]
         look, _, _ = tlb.peek(tags, pte_w)
         walk = look.level == 2
         bad = (walk & ~region.present[page]) | (is_w & ~look.writable)
@@ -199,17 +223,36 @@ def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, 
         if sim.trace is not None and batch.end > batch.start:
             sim.trace.span(task, "access", batch.start, batch.end, "user")
         done += k
-        pending, pending_w = (addrs[k:], is_w[k:]) if k < n else (None, None)
+        pending, pending_w = pending[k:], pending_w[k:]  # type: ignore[index]
+        if not len(pending):
+            pending = pending_w = None
         if batch.cut_ps:
             yield from sim.busy(task, batch.cut_ps, "atomic", "tlb shootdown IPI")
         if batch.preempted:
             yield from sim.sched.preempt(task)
             continue
         if batch.done is None and f < n:
+            size, retry = 1, True
             ok = yield from _fault(sim, task, int(addrs[f]), bool(is_w[f]))
             if not ok:
                 return
+        else:
+            size = min(2 * size, BATCH)
     yield from task.return_to_user()
+
+
+def page_of(addrs: I64, start: int) -> I64:
+    return (addrs - start) >> 12
+
+
+def _faults(region: _Region, probed: tuple[int, bool], i: int, write: bool) -> bool:
+    """Whether an access to page ``i`` must fault, given where the TLB has it: a cached
+    entry serves it unless it is a store through a read-only entry; a walk needs the page
+    tables to allow it."""
+    level, cached_w = probed
+    if level < 2:
+        return write and not cached_w
+    return not region.present[i] or (write and not region.writable[i])
 
 
 def _account(sim: Simulation, task: Task, act: Access, region: _Region, page: I64, is_w: Any,

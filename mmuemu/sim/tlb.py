@@ -218,23 +218,34 @@ class _Scan:
     by_tag: NDArray[np.intp]
     last: NDArray[np.bool_]  # the last access of its tag
     clock: int
+    old: TlbLevelState  # the state before the batch
+    rows: NDArray[np.intp]  # the sets the batch touches (the others are unchanged)
 
 
 def _scan(g: TlbGeometry, state: TlbLevelState, tags: NDArray[np.int64]) -> _Scan:
     sets, ways = g.sets, g.ways
-    order = np.argsort(np.where(state.tags >= 0, state.stamp, _NEVER), axis=1, kind="stable")
-    st = np.take_along_axis(state.tags, order, axis=1)
+    if sets > 1:
+        vpn = tags & _VPN_MASK
+        real_set = vpn & (sets - 1) if sets & (sets - 1) == 0 else vpn % sets
+        # only the sets the batch touches take part (the others keep their entries)
+        touched = np.zeros(sets, dtype=bool)
+        touched[real_set] = True
+        rows = np.flatnonzero(touched)
+    else:
+        rows = np.zeros(1, dtype=np.intp)
+    sub_tags, sub_stamp = state.tags[rows], state.stamp[rows]
+    order = np.argsort(np.where(sub_tags >= 0, sub_stamp, _NEVER), axis=1, kind="stable")
+    st = np.take_along_axis(sub_tags, order, axis=1)
     valid = st >= 0
-    syn_set, _ = np.nonzero(valid)
-    syn_w = np.take_along_axis(state.writable, order, axis=1)[valid]
+    syn_row, _ = np.nonzero(valid)
+    syn_set = rows[syn_row]
+    syn_w = np.take_along_axis(state.writable[rows], order, axis=1)[valid]
     n_syn = len(syn_set)
     all_tags = np.concatenate([st[valid], tags])
     if sets == 1:
         seq_tags, all_set = all_tags, np.zeros(len(all_tags), dtype=np.intp)
         seq_set, pos = all_set, np.arange(len(all_tags))
     else:
-        vpn = tags & _VPN_MASK
-        real_set = vpn & (sets - 1) if sets & (sets - 1) == 0 else vpn % sets
         all_set = np.concatenate([syn_set, real_set.astype(np.intp)])
         key = all_set.astype(np.uint16) if sets <= 1 << 16 else all_set
         by_set = np.argsort(key, kind="stable")
@@ -272,7 +283,7 @@ def _scan(g: TlbGeometry, state: TlbLevelState, tags: NDArray[np.int64]) -> _Sca
         query = query[~short & (distinct < ways)]
     if len(query):
         hit[query] = window[query] - _nested(prev, here[query], p[query]) < ways
-    return _Scan(g, hit, n_syn, seq_tags, seq_set, pos, syn_w, by_tag, last, state.clock)
+    return _Scan(g, hit, n_syn, seq_tags, seq_set, pos, syn_w, by_tag, last, state.clock, state, rows)
 
 
 def _finish(s: _Scan, fill: NDArray[np.bool_]) -> tuple[NDArray[np.bool_], TlbLevelState]:
@@ -297,7 +308,10 @@ def _finish(s: _Scan, fill: NDArray[np.bool_]) -> tuple[NDArray[np.bool_], TlbLe
     newer: NDArray[np.intp] = lasts[ends[s.seq_set]] - lasts
     keep = np.flatnonzero(s.last & (newer < ways))
     rows, cols = s.seq_set[keep], ways - 1 - newer[keep]
-    state = TlbLevelState.empty(s.geometry)
+    state = s.old.copy()
+    state.tags[s.rows] = -1
+    state.writable[s.rows] = False
+    state.stamp[s.rows] = 0
     state.tags[rows, cols] = s.seq_tags[keep]
     state.stamp[rows, cols] = s.clock + 1 + keep
     state.writable[rows, cols] = served[keep]
@@ -355,6 +369,39 @@ class Tlb:
         if len(heads) < len(t):
             served1 = served1[np.cumsum(head) - 1]
         return Lookup(level, served1), state1, state2
+
+    def access_one(self, tag: int, writable: bool) -> tuple[int, bool]:
+        """Look up and commit a single access (the same result as ``lookup`` of a batch of
+        one, without the batch machinery): (level, writable bit that served it)."""
+        found = self.probe(tag)
+        level, cached = found
+        served = writable if level == 2 else cached
+        for lvl, state in ((0, self.state1), (1, self.state2)):
+            if lvl == 1 and level == 0:
+                break  # an L1 hit does not touch the L2
+            g = self.l1 if lvl == 0 else self.l2
+            row = (tag & _VPN_MASK) % g.sets
+            state.clock += 1
+            hit = np.flatnonzero(state.tags[row] == tag)
+            if len(hit):
+                state.stamp[row, hit[0]] = state.clock
+                continue
+            free = np.flatnonzero(state.tags[row] < 0)
+            col = int(free[0]) if len(free) else int(np.argmin(state.stamp[row]))
+            state.tags[row, col] = tag
+            state.stamp[row, col] = state.clock
+            state.writable[row, col] = served
+        return level, served
+
+    def probe(self, tag: int) -> tuple[int, bool]:
+        """Where one tag would be found, without a lookup: (0: L1, 1: L2, 2: neither) and
+        the cached writable bit (False when neither level holds it)."""
+        for level, (g, state) in enumerate(((self.l1, self.state1), (self.l2, self.state2))):
+            row = (tag & _VPN_MASK) % g.sets
+            hit = np.flatnonzero(state.tags[row] == tag)
+            if len(hit):
+                return level, bool(state.writable[row, hit[0]])
+        return 2, False
 
     def flush_asid(self, asid: int) -> int:
         """Drop every entry of ``asid`` from both levels; return how many were dropped."""
