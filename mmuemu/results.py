@@ -28,40 +28,55 @@ class Results:
     ``latencies`` hold every wakeup as (task, cpu, woken_ns, ran_ns).
     """
 
-    records: list[dict[str, Any]] = field(factory=list)
     counters: Counter[str] = field(factory=Counter)
     latencies: list[tuple[str, int, float, float]] = field(factory=list)
-    locks: list[LockStat] = field(factory=list)
     #: (task, path, item, time ns) of every lock break
     breaks: list[tuple[str, str, int, float]] = field(factory=list)
     errors: list[tuple[str, str]] = field(factory=list)
     end_ns: float = 0.0
     events: int = 0
     ncpus: int = 1
+    _task_rows: list[dict[str, Any]] = field(factory=list)
     _book: LockBook | None = None
     _trace: Trace | None = None
+    _records: list[dict[str, Any]] | None = None
+    _locks: list[LockStat] | None = None
 
     @classmethod
     def from_simulation(cls, sim: Simulation) -> Results:
         lat = [(name, cpu, w / 1000, r / 1000) for name, cpu, w, r in sim.sched.latencies]
-        res = cls(counters=Counter(sim.stats), latencies=lat, locks=sim.book.stats(),
-                  breaks=[(t, p, i, ps / 1000) for t, p, i, ps in sim.breaks], errors=list(sim.errors),
-                  end_ns=sim.env.now / 1000, events=sim.events, ncpus=len(sim.sched.cpus),
-                  book=sim.book, trace=sim.trace)
+        rows = []
         for t in sim.tasks:
             row: dict[str, Any] = {"kind": "task", "task": t.name, "cpu": t.cpu,
                                    "done_ns": None if t.done_ps is None else t.done_ps / 1000}
             row.update(t.counts)
             row["fork_ns_mean"] = float(np.mean(t.fork_ns)) if t.fork_ns else None
-            res.records.append(row)
-        for s in res.locks:
-            res.records.append({"kind": "lock", **asdict(s)})
-        for name in sorted({x[0] for x in lat}):
-            v = np.sort(res.latency_ns(name))
-            res.records.append({"kind": "latency", "task": name, "wakeups": len(v),
-                                "latency_mean_ns": float(v.mean()), "latency_p50_ns": quantile(v, 0.5),
-                                "latency_p99_ns": quantile(v, 0.99), "latency_max_ns": float(v[-1])})
-        return res
+            rows.append(row)
+        return cls(counters=Counter(sim.stats), latencies=lat,
+                   breaks=[(t, p, i, ps / 1000) for t, p, i, ps in sim.breaks], errors=list(sim.errors),
+                   end_ns=sim.env.now / 1000, events=sim.events, ncpus=len(sim.sched.cpus),
+                   task_rows=rows, book=sim.book, trace=sim.trace)
+
+    @property
+    def locks(self) -> list[LockStat]:
+        """Hold and wait statistics per lock class and path (computed on first use)."""
+        if self._locks is None:
+            self._locks = self._book.stats() if self._book else []
+        return self._locks
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Tidy rows: one per task, per lock class and path, and per task that woke up."""
+        if self._records is None:
+            out = list(self._task_rows)
+            out += [{"kind": "lock", **asdict(s)} for s in self.locks]
+            for name in sorted({x[0] for x in self.latencies}):
+                v = np.sort(self.latency_ns(name))
+                out.append({"kind": "latency", "task": name, "wakeups": len(v),
+                            "latency_mean_ns": float(v.mean()), "latency_p50_ns": quantile(v, 0.5),
+                            "latency_p99_ns": quantile(v, 0.99), "latency_max_ns": float(v[-1])})
+            self._records = out
+        return self._records
 
     def latency_ns(self, task: str | None = None) -> np.ndarray:
         """Scheduling latency (ns) of every wakeup (of ``task``)."""
@@ -76,10 +91,10 @@ class Results:
 
     def task(self, name: str) -> dict[str, Any]:
         """The record of one task."""
-        for r in self.records:
-            if r["kind"] == "task" and r["task"] == name:
+        for r in self._task_rows:
+            if r["task"] == name:
                 return r
-        raise KeyError(f"no task {name!r}; tasks: {[r['task'] for r in self.records if r['kind'] == 'task']}")
+        raise KeyError(f"no task {name!r}; tasks: {[r['task'] for r in self._task_rows]}")
 
     def write_trace(self, path: str | Path) -> Path:
         """Write the Chrome trace-event timeline (open it in https://ui.perfetto.dev)."""

@@ -75,6 +75,8 @@ def test_item_starts_agree_with_per_item_costs(arch: str, order: int, split: boo
         for s in range(len(w.sections)):
             items = np.arange(w.sections[s], t.ends[s])
             assert (t.item_start(items) == ref[items]).all(), (w.path, s)
+            for x in items[:: max(1, len(items) // 7)].tolist() + [int(items[-1])]:
+                assert t.item_start_at(s, x) == ref[x], (w.path, s, x)
 
 
 # ---------------------------------------------------------------- no contention
@@ -96,6 +98,31 @@ def test_alone_equals_instant_runner(arch: str, order: int, split: bool, mode: s
     tables = (64 * MiB) >> 21
     assert res.events <= tables
     m2.check()
+
+
+@pytest.mark.parametrize(("mode", "order", "split"), [("batched", 0, False), ("legacy", 0, False),
+                                                    ("batched", 4, False), ("batched", 9, True)])
+def test_break_points_match_instant_runner(mode: str, order: int, split: bool) -> None:
+    """A wakeup at time t breaks the fork at the same item in both runners."""
+    m0, p0, _ = machine(size=8 * MiB, order=order, split=split, mode=mode)
+    with m0.measure() as whole:
+        p0.fork()
+    for t in (0.05 * whole.ns + 3.0, 0.41 * whole.ns + 11.0, 0.83 * whole.ns + 7.0):
+        m1, p1, _ = machine(size=8 * MiB, order=order, split=split, mode=mode)
+        m1.runner.resched_at(m1.runner.now_ns + t)
+        p1.fork()
+        m2, p2, _ = machine(size=8 * MiB, order=order, split=split, mode=mode)
+        sim = m2.simulation()
+        sim.add_task(m2.spawn(name="co"), [mmuemu.Sleep(ns=t), mmuemu.Run(ns=1)], cpu=0, name="co")
+        sim.add_task(p2, [mmuemu.Fork(child="stay")], cpu=0, name="forker")
+        res = sim.run()
+        want = [(path, item) for path, item, _ in m1.runner.breaks]
+        got = [(path, item) for _, path, item, _ in res.breaks]
+        if want and not want[0][0].endswith(":cond_resched"):
+            assert got == want, (t, got, want)
+        else:  # stopped at a section end: no lock break in either
+            assert got == []
+        assert res.counters["resched_yields"] == 1
 
 
 def test_contended_fork_matches_instant_state() -> None:

@@ -406,7 +406,9 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     ops.add("ptl_locks", 2, sec_start)
     ops.add("cond_resched", 1, sec_start)
     ops.add("copy_pte_range", 1, sec_start)
-    ops.add("pgtable_allocs", 1, np.flatnonzero(at(e.new_table))[fresh])  # pte_alloc_map_lock
+    # pte_alloc_map_lock: one per table this fork allocates (often every section's first item)
+    every_table_fresh = eagain is None and bool(fresh.all()) and len(fresh) == len(sec_start)
+    ops.add("pgtable_allocs", 1, sec_start if every_table_fresh else np.flatnonzero(at(e.new_table))[fresh])
     # each section holds the parent's table lock (src_ptl) and the child's (dst_ptl)
     if isinstance(c_sel, Rows) and isinstance(p_sel, Rows) and dense and singles:  # whole tables
         lock_ids = np.stack([p_sel.rows, c_sel.rows], axis=1)

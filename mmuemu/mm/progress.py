@@ -51,9 +51,11 @@ class LazyCheckpoints:
         hi = int(self.sections[s + 1]) if s + 1 < len(self.sections) else self.n
         return lo + k * np.arange(1, (hi - lo - 1) // k + 1, dtype=np.int64) if hi - lo > 1 else np.zeros(0, np.int64)
 
-    def section_counts(self) -> I64:
+    def section_counts(self, lens: I64 | None = None) -> I64:
+        """How many checkpoints each section has (``lens``: the section lengths, if known)."""
         k = -(-RESCHED_PROGRESS // self.inc)
-        lens = np.diff(np.append(self.sections, self.n))
+        if lens is None:
+            lens = np.diff(np.append(self.sections, self.n))
         return np.maximum(0, (lens - 1) // k)
 
 

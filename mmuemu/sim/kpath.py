@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmuemu.mm.progress import RESCHED_PROGRESS, LazyCheckpoints
 from mmuemu.mm.work import Break, Work
 from mmuemu.sim.timing import WorkTiming
 
@@ -156,6 +157,47 @@ class Segment:
             return self._stop_early(now, checkpoints=sched.spin_needbreak(), at_section_end=True)
         return False
 
+    def _next_checkpoint(self, s: int, w: int) -> tuple[int, int] | None:
+        """The first checkpoint of section ``s`` (after a restart point) that starts at or
+        after Work-time ``w``: (item, its start)."""
+        lazy = self.work._checkpoints
+        t = self.timing
+        if isinstance(lazy, LazyCheckpoints) and lazy.sections is self.work.sections:
+            # checkpoints every k items: search them with scalar probes
+            lo, hi = int(self.work.sections[s]), int(t.ends[s])
+            k = -(-RESCHED_PROGRESS // lazy.inc)
+            first = 1 if s != self.sec else (self.item - lo) // k + 1
+            last = (hi - lo - 1) // k
+            a, b = first, last + 1
+            if a < b:  # checkpoint starts grow almost linearly in j: guess, then check
+                s_a = t.item_start_at(s, lo + a * k)
+                if s_a >= w:
+                    return lo + a * k, s_a
+                step = t.item_start_at(s, lo + (a + 1) * k) - s_a if a < last else 0
+                if step > 0:
+                    g = min(last, a + 1 + (w - s_a - 1) // step)
+                    s_g = t.item_start_at(s, lo + g * k)
+                    if s_g >= w and t.item_start_at(s, lo + (g - 1) * k) < w:
+                        return lo + g * k, s_g
+                a += 1
+            while a < b:  # first j with start(lo + j*k) >= w
+                mid = (a + b) // 2
+                if t.item_start_at(s, lo + mid * k) >= w:
+                    b = mid
+                else:
+                    a = mid + 1
+            if a > last:
+                return None
+            return lo + a * k, t.item_start_at(s, lo + a * k)
+        cand = self.work.section_checkpoints(s)
+        if s == self.sec:  # a restarted section: only the checkpoints after its restart
+            cand = cand[cand > self.item]
+        if not len(cand):
+            return None
+        times = t.item_start_in(s, cand)
+        j = int(np.searchsorted(times, w, side="left"))
+        return (int(cand[j]), int(times[j])) if j < len(cand) else None
+
     def _stop_early(self, now: int, checkpoints: bool, at_section_end: bool) -> bool:
         """End the segment at the first checkpoint (if ``checkpoints``) or section end (if
         ``at_section_end``) after now."""
@@ -163,14 +205,9 @@ class Segment:
         w = now - self.t0 - self.delay + self.w0
         best: tuple[int, int | None, int, int] | None = None  # (time, break item, stop, work time)
         if checkpoints:
-            cand = self.work.section_checkpoints(s)
-            if s == self.sec:  # a restarted section: only the checkpoints after its restart
-                cand = cand[cand > self.item]
-            if len(cand):
-                t = self.timing.item_start(cand)
-                j = int(np.searchsorted(t, w, side="left"))
-                if j < len(cand):
-                    best = (self.real(int(t[j])), int(cand[j]), s + 1, int(t[j]))
+            found = self._next_checkpoint(s, w)
+            if found is not None:
+                best = (self.real(found[1]), found[0], s + 1, found[1])
         if best is None and at_section_end:
             best = (self.real(int(self.timing.starts[s + 1])), None, s + 1, 0)
         if best is None or best[0] > self.end:
@@ -262,6 +299,13 @@ def _record_holds(sim: Simulation, seg: Segment, classes: list[str], last: int) 
     if not classes:
         return
     t = seg.timing
+    whole = (seg.w0 == int(t.starts[seg.sec]) and not seg.delay and seg.brk is None
+             and seg.end - seg.t0 + seg.w0 == int(t.starts[last + 1]))
+    if whole and sim.trace is None:  # whole sections, nothing moved them: their costs
+        dur = t.section[seg.sec : last + 1]
+        for cls in classes:
+            sim.book.holds(cls, seg.work.path, dur)
+        return
     lo = t.starts[seg.sec : last + 1].copy()
     hi = t.starts[seg.sec + 1 : last + 2].copy()
     lo[0] = seg.w0

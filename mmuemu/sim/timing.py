@@ -9,13 +9,14 @@ section starts with one search per section, so a section costs nothing per item.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from mmuemu.mm.progress import LazyCheckpoints
+from mmuemu.mm.progress import RESCHED_PROGRESS, LazyCheckpoints
 from mmuemu.mm.work import ALL, Work
 from mmuemu.sim.costs import CostModel
 
@@ -39,28 +40,59 @@ class WorkTiming:
         ops = work.ops
         n = ops.n_items
         sections = work.sections
-        self.ends = np.append(sections[1:], n).astype(np.int64)
-        lens = self.ends - sections
-        # counts given for every item as one number cost the same per item: sum them once
-        const = 0
+        n_sec = len(sections)
+        ends = np.empty(n_sec, np.int64)
+        ends[:-1] = sections[1:]
+        ends[-1] = n
+        self.ends = ends
+        # whole tables: every section has the same length (then costs are scalars per section)
+        width = n // n_sec if n % n_sec == 0 else 0
+        uniform = width > 0 and int(sections[-1]) == n - width and int(sections[1 if n_sec > 1 else 0]) == (
+            width if n_sec > 1 else 0)
+        lens = ends - sections
+        if uniform:
+            uniform = bool((lens == width).all())
+        # counts given for every item as one number cost the same per item, and counts
+        # given once per section the same per section: sum each kind once
+        const = per_section = 0
         other: list[tuple[int, object, object]] = []
         for name in ops.names():
             p = costs.get(name, 0)
             if not p:
                 continue
             for count, items in ops._parts.get(name, ()):
-                if items is ALL and not isinstance(count, np.ndarray):
+                if isinstance(count, np.ndarray):
+                    other.append((p, count, items))
+                elif items is ALL:
                     const += p * int(count)  # type: ignore[call-overload]
+                elif items is sections:
+                    per_section += p * int(count)  # type: ignore[call-overload]
+                    other.append((p, count, items))
                 else:
                     other.append((p, count, items))
-        sec = lens * const
+        scalar = width * const + per_section if uniform else None
+        rest = []
         for p, count, items in other:
+            if items is sections and not isinstance(count, np.ndarray):
+                continue
+            if isinstance(items, LazyCheckpoints) and items.sections is sections and scalar is not None:
+                k = -(-RESCHED_PROGRESS // items.inc)
+                scalar += p * int(count) * max(0, (width - 1) // k)  # type: ignore[call-overload]
+                continue
+            rest.append((p, count, items))
+        sec = np.full(n_sec, scalar, np.int64) if scalar is not None else lens * const + per_section
+        for p, count, items in rest:
+            if isinstance(items, LazyCheckpoints) and items.sections is sections:
+                sec += p * int(count) * items.section_counts(lens)  # type: ignore[call-overload]
+                continue
             sec += p * _section_counts(count, items, sections, lens, n)
         self._const, self._other = const, other
         self._ranged: list[tuple[str, Any, Any]] | None = None
         self.section = sec
-        self.starts = np.concatenate([[0], np.cumsum(sec)])
-        self.total = int(self.starts[-1])
+        starts = np.zeros(len(sec) + 1, np.int64)
+        np.cumsum(sec, out=starts[1:])
+        self.starts = starts
+        self.total = int(starts[-1])
         self._item_cum: I64 | None = None
 
     def item_start(self, items: I64) -> I64:
@@ -71,6 +103,10 @@ class WorkTiming:
             if s0 == self.section_of(int(items.max())):
                 return self._in_section(s0, items)
         return self._all_items(items)
+
+    def item_start_in(self, s: int, items: I64) -> I64:
+        """:meth:`item_start` for items known to lie in section ``s``."""
+        return self._in_section(s, items) if self._item_cum is None else self._item_cum[items]
 
     def _in_section(self, s: int, items: I64) -> I64:
         """Starts of items of section ``s``: the uniform cost times the items before, plus
@@ -89,6 +125,26 @@ class WorkTiming:
             else:
                 out = out + (a[np.searchsorted(b, items)] - a[np.searchsorted(b, lo)])
         return out  # type: ignore[no-any-return]
+
+    def item_start_at(self, s: int, x: int) -> int:
+        """:meth:`item_start` of one item ``x`` of section ``s``, in plain integers (no
+        array calls: for searches that probe a few items)."""
+        lo = int(self.work.sections[s])
+        out = int(self.starts[s]) + self._const * (x - lo)
+        for kind, a, b in self._ranged_parts():
+            if kind == "first":
+                out += a if x > lo else 0
+            elif kind == "lazy":
+                hi = int(self.ends[s])
+                k = -(-RESCHED_PROGRESS // b.inc)  # checkpoints at lo + k, lo + 2k, ... before hi
+                out += a * max(0, min((x - lo - 1) // k, (hi - lo - 1) // k))
+            elif kind == "item0":
+                out += a if lo == 0 and x > 0 else 0
+            elif kind == "cum":
+                out += int(a[x] - a[lo])
+            else:
+                out += int(a[bisect.bisect_left(b, x)] - a[bisect.bisect_left(b, lo)])
+        return out
 
     def _ranged_parts(self) -> list[tuple[str, Any, Any]]:
         """The non-uniform counts, each ready for range queries (built once)."""
