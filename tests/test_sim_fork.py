@@ -75,7 +75,7 @@ def test_item_starts_agree_with_per_item_costs(arch: str, order: int, split: boo
         for s in range(len(w.sections)):
             items = np.arange(w.sections[s], t.ends[s])
             assert (t.item_start(items) == ref[items]).all(), (w.path, s)
-            for x in items[:: max(1, len(items) // 7)].tolist() + [int(items[-1])]:
+            for x in [*items[:: max(1, len(items) // 7)].tolist(), int(items[-1])]:
                 assert t.item_start_at(s, x) == ref[x], (w.path, s, x)
 
 

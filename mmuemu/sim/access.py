@@ -136,16 +136,16 @@ def _coalesce4(lo: int, pfn: I64, present: NDArray[np.bool_], write: NDArray[np.
     return out
 
 
-def _addresses(act: Access, pos: int, n: int, rng: np.random.Generator) -> I64:
+def _addresses(act: Access, base: int, length: int, pos: int, n: int, rng: np.random.Generator) -> I64:
     if act.pattern in ("sequential", "strided"):
         stride = act.stride or (64 if act.pattern == "sequential" else 4096)
-        off = ((pos + np.arange(n, dtype=np.int64)) * stride) % act.length
+        off = ((pos + np.arange(n, dtype=np.int64)) * stride) % length
     elif act.pattern == "random":
-        off = rng.integers(0, act.length, n, dtype=np.int64) & ~7
+        off = rng.integers(0, length, n, dtype=np.int64) & ~7
     else:
-        pages = max(act.length >> 12, 1)
+        pages = max(length >> 12, 1)
         off = ((rng.zipf(act.zipf_a, n) - 1) % pages) * 4096 + (rng.integers(0, 512, n) * 8)
-    return act.addr + off
+    return base + off
 
 
 def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, None]:
@@ -154,7 +154,13 @@ def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, 
     if p is None or p.mm.dead:
         raise MmuEmuError(f"task {task.name!r}: Access needs a live process")
     mm = p.mm
-    start, end = act.addr & ~4095, (act.addr + act.length + 4095) & ~4095
+    base, length = act.addr, act.length
+    if isinstance(base, str):
+        if base not in task.mappings:
+            raise MmuEmuError(f"task {task.name!r}: no mapping called {base!r}; known: {sorted(task.mappings)}")
+        base, whole = task.mappings[base]
+        length = length or whole
+    start, end = base & ~4095, (base + length + 4095) & ~4095
     region = _Region(sim, mm, start, end)
     seed = act.seed if act.seed is not None else sim.seed
     rng = np.random.default_rng([seed, sim.tasks.index(task)])
@@ -169,7 +175,7 @@ def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, 
     while done < act.count:
         if pending is None:  # the next BATCH accesses of the stream
             m = min(BATCH, act.count - done)
-            pending = _addresses(act, done, m, rng)
+            pending = _addresses(act, base, length, done, m, rng)
             pending_w = rng.random(m) < act.writes if act.writes > 0 else np.zeros(m, bool)
         n = min(size, len(pending))
         addrs, is_w = pending[:n], pending_w[:n]  # type: ignore[index]

@@ -62,15 +62,16 @@ class Sleep:
 class Access:
     """A stream of ``count`` CPU loads/stores over [addr, addr + length).
 
-    ``pattern`` is sequential (``stride`` bytes apart, wrapping), strided (the same, with a
+    ``addr`` may name a mapping an earlier ``Mmap(name=...)`` of the task made (``length``
+    0: all of it).  ``pattern`` is sequential (``stride`` bytes apart, wrapping), strided (the same, with a
     page-sized default stride), random (uniform) or zipf (``zipf_a``, over pages).  A
     fraction ``writes`` of the accesses are stores (writing ``token`` into the page's
     content when given).  Each access costs ``ns_per_access`` plus its TLB miss costs;
     faults go through the mm core (COW after a fork happens here).
     """
 
-    addr: int
-    length: int
+    addr: int | str
+    length: int = 0
     count: int = 1_000_000
     pattern: str = "sequential"
     writes: float = 0.0
@@ -85,9 +86,9 @@ class Access:
             raise InvalidArgument(f"Access.pattern = {self.pattern!r}; allowed: {', '.join(PATTERNS)}")
         if not 0.0 <= self.writes <= 1.0:
             raise InvalidArgument(f"Access.writes = {self.writes!r}: a fraction in [0, 1]")
-        if self.length <= 0 or self.count < 0:
-            raise InvalidArgument(f"Access length {self.length!r} must be positive and count {self.count!r} "
-                                  "non-negative")
+        if self.length < 0 or (self.length == 0 and not isinstance(self.addr, str)) or self.count < 0:
+            raise InvalidArgument(f"Access length {self.length!r} must be positive (0 only with a mapping "
+                                  f"name) and count {self.count!r} non-negative")
         if self.pattern == "zipf" and self.zipf_a <= 1.0:
             raise InvalidArgument(f"Access.zipf_a = {self.zipf_a!r}: must be greater than 1")
 

@@ -121,7 +121,10 @@ class Task:
 
     def _program(self, prog: tuple[Any, ...]) -> Gen:
         for act in prog:
-            yield from self._do(act)
+            try:
+                yield from self._do(act)
+            except MmuEmuError as e:  # the action fails (recorded); the program goes on
+                self.sim.errors.append((self.name, f"{type(act).__name__}: {e}"))
 
     def _do(self, act: Any) -> Gen:
         sim = self.sim

@@ -1,0 +1,136 @@
+"""The SimPy runner's programs, timelines, coalescing TLBs, errors and CPU placement."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mmuemu
+from mmuemu.sim.costs import default_costs
+
+MiB = 1 << 20
+
+
+def test_trace_has_cpu_and_lock_tracks(tmp_path: Path) -> None:
+    m = mmuemu.Machine(memory="512MiB")
+    p = m.spawn(name="parent")
+    a = p.mmap(8 * MiB)
+    p.populate(a, 8 * MiB)
+    sim = m.simulation(preempt="full")
+    sim.add_task(m.spawn(name="co"), [mmuemu.Sleep(ns=20_000), mmuemu.Run(ns=5_000)], cpu=0, name="co")
+    sim.add_task(p, [mmuemu.Fork(child="exit")], cpu=0, name="forker")
+    sim.add_task(None, [mmuemu.RmapWalk(p, a, pages=4, stride=2 * MiB)], cpu=1, name="kswapd", start_ns=10_000)
+    res = sim.run()
+    out = res.write_trace(tmp_path / "t.json")
+    data = json.loads(out.read_text())
+    ev = data["traceEvents"]
+    names = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"cpu0", "cpu1"} <= names
+    assert any(n.startswith("ptl ") for n in names)
+    spans = [e for e in ev if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    assert {"copy_pte_range", "rmap_reclaim", "co", "forker"} <= {e["name"] for e in spans}
+    # every hold of a lock instance is on its own track and they never overlap
+    by_tid: dict[int, list[tuple[float, float]]] = {}
+    for e in spans:
+        if e["pid"] == 2:
+            by_tid.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"]))
+    for holds in by_tid.values():
+        holds.sort()
+        assert all(b[0] >= a[1] - 1e-6 for a, b in itertools.pairwise(holds))
+    assert any(e["name"].startswith("lock break") for e in ev if e["ph"] == "i")
+    with pytest.raises(ValueError, match="no timeline"):
+        mmuemu.Machine(memory="64MiB").simulation(trace=False).run().write_trace(tmp_path / "x.json")
+
+
+def test_x86_coalescing_quarters_the_misses() -> None:
+    base = default_costs("x86_64")
+    coalescing = mmuemu.CostModel(base.name + "-c4", "x86_64", base.ns, sim={**base.sim, "coalesce4": 1})
+    misses = {}
+    for name, costs in (("plain", base), ("c4", coalescing)):
+        m = mmuemu.Machine(memory="512MiB", costs=costs)
+        p = m.spawn()
+        a = p.mmap(64 * MiB, align=2 * MiB)
+        p.set_folio_orders([2])  # 16K folios: every group of 4 pages is aligned in both spaces
+        p.populate(a, 64 * MiB)
+        sim = m.simulation()
+        sim.add_task(p, [mmuemu.Access(a, 64 * MiB, pattern="strided", count=16384)], cpu=0, name="t")
+        misses[name] = sim.run().task("t")["tlb_misses"]
+    assert misses["plain"] == 16384
+    assert misses["c4"] == 16384 // 4
+
+
+def test_program_maps_by_name_and_records_errors() -> None:
+    m = mmuemu.Machine(memory="256MiB")
+    p = m.spawn(name="p")
+    sim = m.simulation()
+    sim.add_task(p, [
+        mmuemu.Mmap(4 * MiB, name="buf", populate=True),
+        mmuemu.Access("buf", pattern="strided", writes=1.0, count=1024, token=5),
+        mmuemu.Mprotect(0, 4096, "r"),  # fails: nothing mapped at 0
+        mmuemu.Access("nope", count=1),  # fails: no such mapping
+        mmuemu.Munmap(name="buf"),
+    ], cpu=0, name="t")
+    res = sim.run()
+    assert res.task("t")["accesses"] == 1024
+    assert res.task("t")["faults"] == 0  # populated for writing first
+    assert len(res.errors) == 2
+    assert "no mapping called 'nope'" in res.errors[1][1]
+    assert p.vmas == []
+    m.check()
+
+
+def test_access_beyond_the_mapping_is_a_recorded_segfault() -> None:
+    m = mmuemu.Machine(memory="256MiB")
+    p = m.spawn(name="p")
+    a = p.mmap(MiB, prot="r")
+    p.populate(a, MiB, write=False)
+    sim = m.simulation()
+    sim.add_task(p, [mmuemu.Access(a, MiB, writes=1.0, count=10), mmuemu.Run(ns=10)], cpu=0, name="t")
+    res = sim.run()
+    assert len(res.errors) == 1 and "access at" in res.errors[0][1]
+    assert res.task("t")["done_ns"] is not None  # the program went on
+    m.check()
+
+
+def test_migratable_tasks_spread_over_idle_cpus() -> None:
+    m = mmuemu.Machine(memory="256MiB", cpus=4)
+    sim = m.simulation()
+    for i in range(4):
+        sim.add_task(m.spawn(), [mmuemu.Run(ns=100_000)], name=f"t{i}")
+    res = sim.run()
+    assert sorted(res.task(f"t{i}")["cpu"] for i in range(4)) == [0, 1, 2, 3]
+    assert res.end_ns == 100_000  # all ran at once
+
+
+def test_fork_in_a_loop_with_child_programs() -> None:
+    m = mmuemu.Machine(memory="512MiB")
+    p = m.spawn(name="p")
+    a = p.mmap(4 * MiB)
+    p.populate(a, 4 * MiB)
+    child = [mmuemu.Access(a, 4 * MiB, pattern="strided", writes=1.0, count=16, token=9), mmuemu.Exit()]
+    sim = m.simulation()
+    sim.add_task(p, [mmuemu.Loop([mmuemu.Fork(child=child), mmuemu.Sleep(ns=50_000)], times=3)], cpu=0, name="p")
+    res = sim.run()
+    assert res.task("p")["forks"] == 3
+    assert res.counters["cow_copies"] == 3 * 16  # each child copies the 16 pages it writes
+    assert (p.read(a, length=16 * 4096) == 0).all()
+    assert list(m.kernel.mms) == [p.mm.id]  # the children exited
+    m.check()
+
+
+def test_tick_ends_time_slices() -> None:
+    m = mmuemu.Machine(memory="64MiB", cpus=1)
+    sim = m.simulation(hz=1000, slice_ns=3_000_000)
+    for i in range(2):
+        sim.add_task(m.spawn(), [mmuemu.Run(ns=10_000_000)], cpu=0, name=f"t{i}")
+    res = sim.run()
+    # round robin: both finish near 20 ms, the first one a slice earlier at most
+    done = sorted(res.task(f"t{i}")["done_ns"] for i in range(2))
+    assert done[1] == 20_000_000
+    assert 20_000_000 - 4_000_000 <= done[0] < 20_000_000
+    assert np.isfinite(done).all()
