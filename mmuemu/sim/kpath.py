@@ -103,11 +103,7 @@ class Segment:
 
     def keys(self, s: int) -> list[Key]:
         """The locks section ``s`` holds, as (class, id)."""
-        ids = self.work.lock_ids
-        row = ids[s]
-        if np.ndim(row) == 0:
-            return [(self.work.locks[0], int(row))] if self.work.locks else []
-        return [(cls, int(i)) for cls, i in zip(self.work.locks, row.tolist(), strict=True)]
+        return _section_keys(self.work, s)
 
     def find(self, key: Key, now: int) -> tuple[int, bool] | None:
         """The section of this segment that holds ``key`` now or will take it: (section,
