@@ -348,7 +348,7 @@ def test_hash_collisions_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
     assert RefTlb(l1, l2).lookup(tags, w)[0] == got.level.tolist()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(l1=geometries, l2=geometries, script=ops)
 def test_single_accesses_match_reference(l1: TlbGeometry, l2: TlbGeometry, script: list[tuple]) -> None:
     """access_one (the fault path's one-access lookup) and probe agree with the reference,
