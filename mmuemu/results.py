@@ -87,7 +87,18 @@ class Results:
         return self._book.hold_times_ns(lock, path) if self._book else np.zeros(0)
 
     def wait_times_ns(self, lock: str, path: str | None = None) -> np.ndarray:
+        """Every wait for a lock class (on one path), in ns."""
         return self._book.wait_times_ns(lock, path) if self._book else np.zeros(0)
+
+    def lock_histogram(self, lock: str, path: str | None = None, *, waits: bool = False,
+                       bins: int | np.ndarray = 20) -> tuple[np.ndarray, np.ndarray]:
+        """A histogram of the hold (or, with ``waits``, wait) times of a lock class, as
+        numpy.histogram returns it: (counts, bin edges in ns)."""
+        values = self.wait_times_ns(lock, path) if waits else self.hold_times_ns(lock, path)
+        if not len(values):
+            raise ValueError(f"no {'waits' if waits else 'holds'} of lock {lock!r}"
+                             f"{'' if path is None else f' on path {path!r}'} in this run")
+        return np.histogram(values, bins=bins)
 
     def task(self, name: str) -> dict[str, Any]:
         """The record of one task."""

@@ -134,3 +134,19 @@ def test_tick_ends_time_slices() -> None:
     assert done[1] == 20_000_000
     assert 20_000_000 - 4_000_000 <= done[0] < 20_000_000
     assert np.isfinite(done).all()
+
+
+def test_lock_histograms() -> None:
+    m = mmuemu.Machine(memory="512MiB")
+    p = m.spawn(name="parent")
+    a = p.mmap(16 * MiB)
+    p.populate(a, 16 * MiB)
+    sim = m.simulation()
+    sim.add_task(p, [mmuemu.Fork(child="exit")], cpu=0, name="forker")
+    res = sim.run()
+    counts, edges = res.lock_histogram("ptl", "copy_pte_range", bins=4)
+    assert counts.sum() == 8  # one hold per PTE table copied
+    assert edges[0] <= res.hold_times_ns("ptl", "copy_pte_range").min()
+    with pytest.raises(ValueError, match="no waits of lock 'ptl'"):
+        res.lock_histogram("ptl", waits=True)
+

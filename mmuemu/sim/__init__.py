@@ -1,8 +1,10 @@
-"""Runners, cost models and (later) the SimPy machinery that give the mm core time."""
+"""What gives the mm core time: cost models, the instant runner, and the SimPy runner with
+its scheduler, locks, TLBs and tasks."""
 
 from __future__ import annotations
 
 from mmuemu.sim.costs import CostModel, load_costs
 from mmuemu.sim.runners import InstantRunner
+from mmuemu.sim.simulation import Simulation
 
-__all__ = ["CostModel", "InstantRunner", "load_costs"]
+__all__ = ["CostModel", "InstantRunner", "Simulation", "load_costs"]
