@@ -20,7 +20,6 @@ happens where ``progress`` was reset anyway.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -231,7 +230,7 @@ def run_path(sim: Simulation, task: Task, gen: Generator[Work, Any, Any],
 
 def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Break | None]:
     """Run one Work: a plain timed activity, or its lock sections as segments."""
-    totals = Counter(work.ops.totals)
+    totals = dict(work.ops.totals)
     if not work.locks and len(work.sections) == 1 and not work.cond_resched:
         ps = sim.total_ps(totals)
         yield from sim.busy(task, ps, "kernel", work.path)
@@ -246,8 +245,9 @@ def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Brea
     lead = 0  # the cost of restarting after a break, paid before the next segment
     while s < n_sec:
         keys = _section_keys(work, s)
-        for key in keys:
-            yield from sim.spin_lock(task, key, work.path)
+        if sim.locks.locks or len(sim.segments):  # somebody else may hold one of them
+            for key in keys:
+                yield from sim.spin_lock(task, key, work.path)
         stop = sim.first_conflict(task, work, s + 1, n_sec)
         seg = Segment(sim, task, work, timing, s, item, stop, w0, lead)
         lead = 0
@@ -262,14 +262,15 @@ def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Brea
             if switch:
                 extra["resched_yields"] = 1
             reply = reply or Break(seg.brk)
-            totals.update(extra)
+            for name, c in extra.items():
+                totals[name] = totals.get(name, 0) + c
             sim.note_break(task, work, seg.brk)
             if switch:
                 yield from sim.sched.preempt(task)
             s, item, w0, lead = last, seg.brk, seg.brk_w, sim.total_ps(extra)
             continue
         if switch:  # at a section end: cond_resched(), or preemption at the unlock
-            totals["resched_yields"] += 1
+            totals["resched_yields"] = totals.get("resched_yields", 0) + 1
             yield from sim.sched.preempt(task)
         s, w0 = seg.stop, None
         item = int(work.sections[s]) if s < n_sec else work.ops.n_items

@@ -155,8 +155,10 @@ class Simulation:
         finally:
             self.segments.remove(seg)
 
-    def account(self, task: Task, work: Work, totals: Counter[str]) -> None:
-        self.stats.update(totals)
+    def account(self, task: Task, work: Work, totals: dict[str, int]) -> None:
+        stats = self.stats
+        for name, c in totals.items():
+            stats[name] += c
         for f in work.ops.flushes:
             self.flush_tlbs(task, f)
 
