@@ -17,6 +17,7 @@ page tables as they were when it started (batches are short: ``BATCH`` accesses)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -143,9 +144,49 @@ def _addresses(act: Access, base: int, length: int, pos: int, n: int, rng: np.ra
     elif act.pattern == "random":
         off = rng.integers(0, length, n, dtype=np.int64) & ~7
     else:
-        pages = max(length >> 12, 1)
-        off = ((rng.zipf(act.zipf_a, n) - 1) % pages) * 4096 + (rng.integers(0, 512, n) * 8)
+        rank = zipf_ranks(rng, n, max(length >> 12, 1), act.zipf_a)
+        off = rank * 4096 + (rng.integers(0, 512, n) * 8)
     return base + off
+
+
+def zipf_ranks(rng: np.random.Generator, n: int, items: int, a: float) -> I64:
+    """``n`` ranks in [0, items) with P(rank k-1) ~ k^-a (bounded Zipf, the first hottest):
+    the most likely ranks exactly (an alias table), the others by the continuous inverse
+    CDF of x^-a around them; vectorised (numpy's zipf is unbounded and slow)."""
+    prob, alias, p_head, lo, hi = _zipf_table(items, float(a))
+    h = len(prob)
+    u = rng.random(n)
+    pick = rng.integers(0, h, n)
+    rank = np.where(rng.random(n) < prob[pick], pick, alias[pick])
+    far = np.flatnonzero(u >= p_head)
+    if len(far):
+        e = 1.0 - a
+        x = (lo + (u[far] - p_head) / (1.0 - p_head) * (hi - lo)) ** (1.0 / e)
+        rank[far] = np.clip(np.floor(x + 0.5).astype(np.int64) - 1, h, items - 1)
+    return rank
+
+
+@functools.lru_cache(maxsize=64)
+def _zipf_table(items: int, a: float, head: int = 64) -> tuple[I64, I64, float, float, float]:
+    """Vose's alias table of the ``head`` most likely ranks, their total probability, and
+    the bounds of the continuous tail."""
+    h = min(items, head)
+    e = 1.0 - a
+    weights = np.arange(1, h + 1, dtype=float) ** -a
+    lo, hi = (h + 0.5) ** e, (items + 0.5) ** e
+    tail = (hi - lo) / e if items > h else 0.0
+    p_head = float(weights.sum() / (weights.sum() + tail))
+    scaled = (weights / weights.sum() * h).tolist()
+    prob, alias = [1.0] * h, list(range(h))
+    small = [i for i, x in enumerate(scaled) if x < 1.0]
+    large = [i for i, x in enumerate(scaled) if x >= 1.0]
+    while small and large:
+        s_, l_ = small.pop(), large[-1]
+        prob[s_], alias[s_] = scaled[s_], l_
+        scaled[l_] -= 1.0 - scaled[s_]
+        if scaled[l_] < 1.0:
+            small.append(large.pop())
+    return np.array(prob), np.array(alias, np.int64), p_head, lo, hi
 
 
 def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, None]:
@@ -206,7 +247,7 @@ def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, 
         shift = region.shift[page]
         tags = make_tags(mm.id, addrs, shift)
         pte_w = region.writable[page]
-        look, _, _ = tlb.peek(tags, pte_w)
+        look, after1, after2 = tlb.peek(tags, pte_w)
         walk = look.level == 2
         bad = (walk & ~region.present[page]) | (is_w & ~look.writable)
         f = int(np.argmax(bad)) if bad.any() else n
@@ -214,10 +255,14 @@ def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, 
         cum = np.cumsum(cost)
 
         def commit(k: int, tags: I64 = tags, pte_w: Any = pte_w, is_w: Any = is_w, page: I64 = page,
-                   look: Any = look, tlb: Any = tlb) -> None:
-            if k:
+                   look: Any = look, tlb: Any = tlb, after: Any = (after1, after2)) -> None:
+            if not k:
+                return
+            if k == len(tags):  # the whole batch: the looked-up states are the new ones
+                tlb.state1, tlb.state2 = after
+            else:
                 tlb.lookup(tags[:k], pte_w[:k])
-                _account(sim, task, act, region, page[:k], is_w[:k], look.level[:k])
+            _account(sim, task, act, region, page[:k], is_w[:k], look.level[:k])
 
         batch = _Batch(sim, task, cum, commit)
         yield from task.wait_activity(batch)

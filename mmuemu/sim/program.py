@@ -63,8 +63,9 @@ class Access:
     """A stream of ``count`` CPU loads/stores over [addr, addr + length).
 
     ``addr`` may name a mapping an earlier ``Mmap(name=...)`` of the task made (``length``
-    0: all of it).  ``pattern`` is sequential (``stride`` bytes apart, wrapping), strided (the same, with a
-    page-sized default stride), random (uniform) or zipf (``zipf_a``, over pages).  A
+    0: all of it).  ``pattern`` is sequential (``stride`` bytes apart, wrapping), strided
+    (the same, with a page-sized default stride), random (uniform) or zipf (page ranks with
+    probability ~ rank^-``zipf_a``, the first page hottest: a bounded Zipf law).  A
     fraction ``writes`` of the accesses are stores (writing ``token`` into the page's
     content when given).  Each access costs ``ns_per_access`` plus its TLB miss costs;
     faults go through the mm core (COW after a fork happens here).
