@@ -150,3 +150,16 @@ def test_lock_histograms() -> None:
     with pytest.raises(ValueError, match="no waits of lock 'ptl'"):
         res.lock_histogram("ptl", waits=True)
 
+
+
+@pytest.mark.parametrize(("items", "a"), [(1, 1.2), (10, 1.5), (64, 1.1), (65, 3.0), (1000, 1.2), (5000, 2.0)])
+def test_zipf_ranks_follow_the_law(items: int, a: float) -> None:
+    from mmuemu.sim.access import zipf_ranks
+
+    r = zipf_ranks(np.random.default_rng(7), 200_000, items, a)
+    assert r.min() >= 0 and r.max() < items
+    got = np.bincount(r, minlength=items) / len(r)
+    k = np.arange(1, items + 1, dtype=float)
+    want = k**-a / (k**-a).sum()
+    assert abs(got[0] - want[0]) < 0.01  # the hottest page, exactly from the alias table
+    assert 0.5 * np.abs(got - want).sum() < 0.03  # total variation (sampling noise included)
