@@ -244,18 +244,19 @@ def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Brea
     w0: int | None = None  # the restart point's start in the Work's time, after a break
     lead = 0  # the cost of restarting after a break, paid before the next segment
     while s < n_sec:
-        keys = _section_keys(work, s)
-        if sim.locks.locks or len(sim.segments):  # somebody else may hold one of them
-            for key in keys:
+        others = bool(sim.locks.locks or sim.segments)  # somebody else may hold a lock
+        if others:
+            for key in _section_keys(work, s):
                 yield from sim.spin_lock(task, key, work.path)
-        stop = sim.first_conflict(task, work, s + 1, n_sec)
+        stop = sim.first_conflict(task, work, s + 1, n_sec) if others else n_sec
         seg = Segment(sim, task, work, timing, s, item, stop, w0, lead)
         lead = 0
         yield from sim.run_segment(task, seg)
         last = timing.section_of(seg.brk) if seg.brk is not None else seg.stop - 1
         _record_holds(sim, seg, classes, last)
-        for key in _section_keys(work, last):
-            sim.locks.release(key, task)
+        if sim.locks.locks:  # only materialised (contended) locks need releasing
+            for key in _section_keys(work, last):
+                sim.locks.release(key, task)
         switch = seg.resched and sim.sched.wants_switch(task)
         if seg.brk is not None:
             extra = {"lock_breaks": 1, "ptl_locks": len(work.locks), "cond_resched": 1}
