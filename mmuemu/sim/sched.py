@@ -45,6 +45,8 @@ class Cpu:
     #: when the current task started its time slice (ps)
     slice_start: int = 0
     busy_ps: int = 0
+    #: the event a stopped tick waits for (NO_HZ), or None while it runs
+    tick_stopped: Any = None
 
 
 class Scheduler:
@@ -106,6 +108,7 @@ class Scheduler:
         ev = self.env.event()
         task.turn = ev
         cpu.rq.append(task)
+        self.wake_tick(cpu)
         if woken and self.wakeup_preempt and cpu.current is not None:
             self.resched_curr(cpu, lazy=self.model == "lazy")
         yield ev
@@ -134,6 +137,7 @@ class Scheduler:
         task.turn = ev
         task.woken_at = None
         cpu.rq.append(task)
+        self.wake_tick(cpu)
         yield ev
 
     def _dispatch(self, cpu: Cpu) -> None:
@@ -160,6 +164,7 @@ class Scheduler:
         """Mirrors: resched_curr / resched_curr_lazy: ask the CPU's task to reschedule."""
         if lazy:
             cpu.need_resched_lazy = True
+            self.wake_tick(cpu)
         else:
             cpu.need_resched = True
         if cpu.current is not None:
@@ -175,11 +180,24 @@ class Scheduler:
             return False
         return flag
 
+    def wake_tick(self, cpu: Cpu) -> None:
+        """Restart a stopped tick: somebody waits on the CPU, or a lazy request is pending."""
+        ev = cpu.tick_stopped
+        if ev is not None:
+            cpu.tick_stopped = None
+            ev.succeed()
+
     def ticker(self, cpu: Cpu) -> Any:
         """Mirrors: scheduler_tick: end the time slice when others wait; under PREEMPT_LAZY
-        promote a lazy request to NEED_RESCHED."""
+        promote a lazy request to NEED_RESCHED.  Like NO_HZ, the tick stops while nothing
+        on the CPU needs it (no task waiting, no lazy request) and restarts on the tick
+        grid when something does."""
+        env = self.env
         while True:
-            yield self.env.timeout(self.tick_ps)
+            if not (cpu.rq or cpu.need_resched_lazy):
+                cpu.tick_stopped = env.event()
+                yield cpu.tick_stopped
+            yield env.timeout(self.tick_ps - self.now % self.tick_ps)
             if cpu.current is None:
                 continue
             if cpu.need_resched_lazy and not cpu.need_resched:
