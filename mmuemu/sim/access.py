@@ -54,11 +54,12 @@ class _Batch(Busy):
         self.cut_ps = 0
 
     def on(self, cause: tuple[Any, ...], now: int) -> bool:
+        if cause[0] == "ipi":  # the handler's time is paid once the batch has stopped
+            self.cut_ps += cause[1]
         if now >= self.end:
             return False
         if cause[0] in ("ipi", "pt"):  # a TLB invalidation, or the page tables changed
             self._stop(now)
-            self.cut_ps += cause[1] if cause[0] == "ipi" else 0
             return True
         if super().on(cause, now):
             self._stop(now)
@@ -234,7 +235,7 @@ def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, 
                 continue
             # it goes through: one access, one lookup (fault-dense streams stay cheap)
             level, _ = tlb.access_one(tag, bool(region.writable[i0]))
-            _account(sim, task, act, region, page_of(addrs[:1], start), is_w[:1], np.array([level], np.int8))
+            _account(sim, task, act, region, _page_of(addrs[:1], start), is_w[:1], np.array([level], np.int8))
             yield from sim.busy(task, ns_ps + int(level_ps[level]), "user", "access")
             done += 1
             pending, pending_w = pending[1:], pending_w[1:]  # type: ignore[index]
@@ -292,7 +293,7 @@ def run_access(sim: Simulation, task: Task, act: Access) -> Generator[Any, Any, 
     yield from task.return_to_user()
 
 
-def page_of(addrs: I64, start: int) -> I64:
+def _page_of(addrs: I64, start: int) -> I64:
     return (addrs - start) >> 12
 
 
