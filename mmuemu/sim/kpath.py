@@ -56,10 +56,10 @@ class Busy:
         if cause[0] == "ipi":
             self.end += cause[1]
             self.planned += cause[1]
-            return True
+            return bool(cause[1])
         if cause[0] != "resched" or self.mode == "atomic" or now >= self.end:
             return False
-        cpu = self.sim.sched.cpus[self.task.cpu]  # type: ignore[index]
+        cpu = self.sim.sched.cpus[self.task.cpu]
         if self.mode == "user":
             go = cpu.need_resched or cpu.need_resched_lazy
         else:
@@ -125,10 +125,10 @@ class Segment:
     # ------------------------------------------------------------ contention
     def on(self, cause: tuple[Any, ...], now: int) -> bool:
         kind = cause[0]
-        if kind == "ipi":
+        if kind == "ipi":  # (arm64's broadcast invalidations cost the CPU nothing)
             self.delay += cause[1]
             self.end += cause[1]
-            return True
+            return bool(cause[1])
         if now >= self.end:
             return False
         if kind == "claim":
@@ -142,7 +142,7 @@ class Segment:
             return True
         sched = self.sim.sched
         if kind == "resched":
-            cpu = sched.cpus[self.task.cpu]  # type: ignore[index]
+            cpu = sched.cpus[self.task.cpu]
             if not cpu.need_resched:  # need_resched() ignores a lazy request
                 return False
             self.resched = True

@@ -147,7 +147,7 @@ class Simulation:
 
     def run_segment(self, task: Task, seg: Segment) -> Generator[Any, Any, None]:
         self.segments.append(seg)
-        cpu = self.sched.cpus[task.cpu]  # type: ignore[index]
+        cpu = self.sched.cpus[task.cpu]
         if cpu.need_resched:
             seg.on(("resched",), self.now_ps)
         try:
