@@ -163,3 +163,15 @@ def test_zipf_ranks_follow_the_law(items: int, a: float) -> None:
     want = k**-a / (k**-a).sum()
     assert abs(got[0] - want[0]) < 0.01  # the hottest page, exactly from the alias table
     assert 0.5 * np.abs(got - want).sum() < 0.03  # total variation (sampling noise included)
+
+
+def test_run_until_stops_early_or_when_done() -> None:
+    m = mmuemu.Machine(memory="64MiB", cpus=1)
+    sim = m.simulation()
+    sim.add_task(m.spawn(), [mmuemu.Run(ns=1_000_000)], cpu=0, name="t")
+    assert sim.run(until_ns=10_000_000).end_ns == 1_000_000  # done before the limit
+    sim = m.simulation()
+    sim.add_task(m.spawn(), [mmuemu.Run(ns=1_000_000)], cpu=0, name="t")
+    res = sim.run(until_ns=250_000)
+    assert res.end_ns == 250_000 and res.task("t")["done_ns"] is None
+

@@ -113,8 +113,11 @@ class Simulation:
             t.start()
         for cpu in self.sched.cpus:
             self.env.process(self.sched.ticker(cpu))
-        if self.live:
-            self.env.run(until=self._all_done if until_ns is None else round(until_ns * 1000))
+        if self.live:  # until every task is done (or ``until_ns``, whichever comes first)
+            end: simpy.Event = self._all_done
+            if until_ns is not None:
+                end = simpy.AnyOf(self.env, [self._all_done, self.env.timeout(round(until_ns * 1000))])
+            self.env.run(until=end)
         self.machine.runner.stats.update(self.stats)
         return Results.from_simulation(self)
 
