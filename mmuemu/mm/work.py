@@ -151,6 +151,13 @@ class Work:
             self._checkpoints = self._checkpoints()
         return self._checkpoints
 
+    @property
+    def checkpoint_rule(self) -> object | None:
+        """The closed form the checkpoints follow (an object with ``in_section``), while
+        they have not been listed; None otherwise."""
+        cps = self._checkpoints
+        return cps if hasattr(cps, "in_section") else None
+
     def section_checkpoints(self, s: int) -> NDArray[np.int64]:
         """The checkpoints inside section ``s``."""
         cps = self._checkpoints

@@ -155,7 +155,7 @@ class Segment:
     def _next_checkpoint(self, s: int, w: int) -> tuple[int, int] | None:
         """The first checkpoint of section ``s`` (after a restart point) that starts at or
         after Work-time ``w``: (item, its start)."""
-        lazy = self.work._checkpoints
+        lazy = self.work.checkpoint_rule
         t = self.timing
         if isinstance(lazy, LazyCheckpoints) and lazy.sections is self.work.sections:
             # checkpoints every k items: search them with scalar probes
