@@ -24,6 +24,7 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from mmuemu.mm.progress import RESCHED_PROGRESS, LazyCheckpoints
 from mmuemu.mm.work import Break, Work
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from mmuemu.sim.simulation import Simulation
     from mmuemu.sim.tasks import Task
 
-__all__ = ["Busy", "Segment", "run_path"]
+__all__ = ["Busy", "Segment", "run_path", "sections_holding"]
 
 Key = tuple[str, int]
 
@@ -107,16 +108,10 @@ class Segment:
     def find(self, key: Key, now: int) -> tuple[int, bool] | None:
         """The section of this segment that holds ``key`` now or will take it: (section,
         held now)."""
-        cls, ident = key
-        if cls not in self.work.locks:
+        if key[0] not in self.work.locks:
             return None
         cur = self.current_section(now)
-        ids = self.work.lock_ids[cur : self.stop]
-        if ids.ndim == 1:
-            hit = np.flatnonzero(ids == ident)
-        else:
-            cols = [j for j, c in enumerate(self.work.locks) if c == cls]
-            hit = np.flatnonzero((ids[:, cols] == ident).any(axis=1))
+        hit = sections_holding(self.work, key, cur, self.stop)
         if not len(hit):
             return None
         s = cur + int(hit[0])
@@ -277,6 +272,16 @@ def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Brea
         item = int(work.sections[s]) if s < n_sec else work.ops.n_items
     sim.account(task, work, totals)
     return reply
+
+
+def sections_holding(work: Work, key: Key, lo: int, hi: int) -> NDArray[np.intp]:
+    """Which of sections ``lo..hi-1`` hold lock ``key`` (positions from ``lo``)."""
+    cls, ident = key
+    ids = work.lock_ids[lo:hi]
+    if ids.ndim == 1:
+        return np.flatnonzero(ids == ident)
+    cols = [j for j, c in enumerate(work.locks) if c == cls]
+    return np.flatnonzero((ids[:, cols] == ident).any(axis=1))
 
 
 def _section_keys(work: Work, s: int) -> list[Key]:

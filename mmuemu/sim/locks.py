@@ -138,10 +138,6 @@ class LockTable:
         del self.locks[key]
         return False
 
-    def has_waiters(self, key: Key) -> bool:
-        lk = self.locks.get(key)
-        return bool(lk and lk.waiters)
-
 
 @define(eq=False)
 class RwSem:

@@ -44,7 +44,6 @@ class Cpu:
     need_resched_lazy: bool = False
     #: when the current task started its time slice (ps)
     slice_start: int = 0
-    busy_ps: int = 0
     #: the event a stopped tick waits for (NO_HZ), or None while it runs
     tick_stopped: Any = None
 
@@ -67,7 +66,6 @@ class Scheduler:
         self.cpus = [Cpu(i) for i in range(ncpus)]
         #: (task name, cpu, woken at ps, ran at ps) of every wakeup
         self.latencies: list[tuple[str, int, int, int]] = []
-        self.switches = 0
         self.trace: Any = None
 
     @property
@@ -117,7 +115,6 @@ class Scheduler:
         """``task`` stops running (sleeps, blocks or exits): the next runnable task runs."""
         cpu = self.cpus[task.cpu]
         assert cpu.current is task, f"{task.name} does not own cpu {cpu.index}"
-        cpu.busy_ps += self.now - cpu.slice_start
         cpu.current = None
         cpu.need_resched = cpu.need_resched_lazy = False
         if self.trace is not None:
@@ -131,7 +128,6 @@ class Scheduler:
         cpu.need_resched = cpu.need_resched_lazy = False
         if not cpu.rq:
             return
-        self.switches += 1
         self.release(task)
         ev = self.env.event()
         task.turn = ev

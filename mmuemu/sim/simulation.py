@@ -12,12 +12,11 @@ from collections import Counter
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import simpy
 
 from mmuemu.errors import InvalidArgument
 from mmuemu.mm.work import TlbFlush, Work
-from mmuemu.sim.kpath import Busy, Segment
+from mmuemu.sim.kpath import Busy, Segment, sections_holding
 from mmuemu.sim.locks import LockBook, LockTable, RwSem
 from mmuemu.sim.program import check_program
 from mmuemu.sim.sched import Scheduler
@@ -206,20 +205,15 @@ class Simulation:
         """The first section from ``s0`` whose locks another task holds (else ``n``)."""
         if s0 >= n or not work.locks:
             return n
-        ids = work.lock_ids[s0:]
         held: list[Key] = [k for k, lk in self.locks.locks.items() if lk.holder is not task]
         for seg in self.segments:
             if seg.task is not task:
                 held.extend(seg.keys(seg.current_section(self.now_ps)))
         best = n
-        for cls, ident in held:
-            if cls not in work.locks:
+        for key in held:
+            if key[0] not in work.locks:
                 continue
-            if ids.ndim == 1:
-                hit = np.flatnonzero(ids == ident)
-            else:
-                cols = [j for j, c in enumerate(work.locks) if c == cls]
-                hit = np.flatnonzero((ids[:, cols] == ident).any(axis=1))
+            hit = sections_holding(work, key, s0, n)
             if len(hit):
                 best = min(best, s0 + int(hit[0]))
         return best

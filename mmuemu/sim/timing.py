@@ -82,9 +82,6 @@ class WorkTiming:
             rest.append((p, count, items))
         sec = np.full(n_sec, scalar, np.int64) if scalar is not None else lens * const + per_section
         for p, count, items in rest:
-            if isinstance(items, LazyCheckpoints) and items.sections is sections:
-                sec += p * int(count) * items.section_counts(lens)  # type: ignore[call-overload]
-                continue
             sec += p * _section_counts(count, items, sections, lens, n)
         self._const, self._other = const, other
         self._ranged: list[tuple[str, Any, Any]] | None = None
@@ -193,16 +190,13 @@ def ps_table(costs: CostModel, extra: Mapping[str, int] | None = None) -> dict[s
 
 
 def _section_counts(count: object, items: object, sections: I64, lens: I64, n: int) -> I64:
-    """Per-section sums of one part of an Ops (``count`` for ``items``)."""
+    """Per-section sums of one part of an Ops (``count`` for ``items``); counts of one
+    number for every item or every section never get here (WorkTiming sums them apart)."""
     s = len(sections)
-    if items is ALL:
-        if isinstance(count, np.ndarray):
-            return np.add.reduceat(count.astype(np.int64), sections) if n else np.zeros(s, np.int64)
-        return lens * int(count)  # type: ignore[call-overload]
-    if items is sections and not isinstance(count, np.ndarray):  # once per section
-        return np.full(s, int(count), np.int64)  # type: ignore[call-overload]
+    if items is ALL:  # an array of counts, one per item
+        return np.add.reduceat(np.asarray(count, np.int64), sections) if n else np.zeros(s, np.int64)
     if isinstance(items, LazyCheckpoints) and items.sections is sections:
-        return items.section_counts() * int(count)  # type: ignore[call-overload]
+        return items.section_counts(lens) * int(count)  # type: ignore[call-overload]
     if callable(items):
         items = items()
     if items is None:
