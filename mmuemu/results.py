@@ -41,6 +41,11 @@ class Results:
     _trace: Trace | None = None
     _records: list[dict[str, Any]] | None = None
     _locks: list[LockStat] | None = None
+    #: the resolved config of an experiment (mmuemu.run), its points' parameters, and the
+    #: SimPy results of each point's first repetition, by label
+    config: Any = None
+    points: list[dict[str, Any]] = field(factory=list)
+    sims: dict[str, Results] = field(factory=dict)
 
     @classmethod
     def from_simulation(cls, sim: Simulation) -> Results:
@@ -106,6 +111,18 @@ class Results:
             if r["task"] == name:
                 return r
         raise KeyError(f"no task {name!r}; tasks: {[r['task'] for r in self._task_rows]}")
+
+    @property
+    def has_trace(self) -> bool:
+        """Whether this run kept a timeline."""
+        return self._trace is not None
+
+    def trace_events(self) -> list[dict[str, Any]]:
+        """The timeline's Chrome trace events (CPU tracks, then lock-instance tracks)."""
+        if self._trace is None:
+            raise ValueError("this run kept no timeline (Machine.simulation(trace=False))")
+        events: list[dict[str, Any]] = self._trace.to_json(self.ncpus)["traceEvents"]
+        return events
 
     def write_trace(self, path: str | Path) -> Path:
         """Write the Chrome trace-event timeline (open it in https://ui.perfetto.dev)."""

@@ -17,7 +17,7 @@ from mmuemu.arch.base import Arch, Prot
 from mmuemu.arch.x86_64 import X86_64
 from mmuemu.errors import InvalidArgument
 
-__all__ = ["Arch", "Prot", "available_arches", "make_arch", "register"]
+__all__ = ["Arch", "Prot", "available_arches", "make_arch", "overridden_helpers", "register"]
 
 #: name -> what builds the backend from the machine's options (a class, or a factory that
 #: picks a class, like arm64's ``contpte`` switch)
@@ -34,6 +34,19 @@ def register(cls: type[Arch], factory: Callable[..., Arch] | None = None) -> typ
 def available_arches() -> list[str]:
     """Names of the registered architectures, sorted."""
     return sorted(_REGISTRY)
+
+
+def overridden_helpers(arch: Arch) -> list[str]:
+    """The generic helpers of ``arch/base.py`` (include/linux/pgtable.h) this backend
+    overrides, sorted: what makes its results differ from the generic code."""
+    out = []
+    for name in dir(Arch):
+        generic = getattr(Arch, name)
+        if name.startswith("_") or not callable(generic):
+            continue
+        if getattr(type(arch), name) is not generic:
+            out.append(name)
+    return sorted(out)
 
 
 def make_arch(name: str, **options: Any) -> Arch:

@@ -9,7 +9,7 @@ with their locks and resched checkpoints, ``Sleep`` gives the CPU up and is woke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from attrs import field, frozen
@@ -173,11 +173,15 @@ class Exit:
     """Exit: the last task of a process tears its address space down (exit_mmap)."""
 
 
+def _as_tuple(items: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(items)
+
+
 @frozen
 class Loop:
     """Run ``body`` ``times`` times."""
 
-    body: tuple[Any, ...] = field(converter=tuple)
+    body: tuple[Any, ...] = field(converter=_as_tuple)
     times: int = 1
 
 

@@ -1,0 +1,181 @@
+"""Tables of an experiment's records: the summary ``mmuemu run`` prints and the side-by-side
+comparison of ``mmuemu compare`` (with ratios against a baseline column)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from mmuemu.config import Config
+
+__all__ = ["compare_rows", "compare_table", "format_table", "summary_table"]
+
+#: counters the summary shows next to the time, when a run has them
+SUMMARY_COUNTERS = ("pte_writes", "folio_ref_ops", "contpte_unfolds", "tlbi_ops", "ipis", "lock_breaks")
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain-text table: the first column left-aligned, the rest right-aligned."""
+    cells = [[_fmt(v) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(vals: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(vals, widths, strict=True))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "-"
+        if v == int(v) and abs(v) < 1e12:
+            return str(int(v))
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def _folio(kib: int) -> str:
+    return f"{kib // 1024}M" if kib >= 1024 else f"{kib}K"
+
+
+def _row_name(rec: dict[str, Any]) -> str:
+    """What a table row is: the folio size when the sweep sets folio orders, else the
+    sweep values."""
+    row = str(rec.get("row", ""))
+    if "folio_orders" in row:
+        rest = ", ".join(p for p in row.split(", ") if not p.startswith("folio_orders="))
+        return f"{_folio(int(rec['folio_kib']))}{', ' + rest if rest else ''}"
+    return row or "-"
+
+
+def _metric_header(metric: str) -> str:
+    return "ms" if metric == "time_ns" else metric
+
+
+def _metric_value(metric: str, values: list[float]) -> float:
+    v = _median(values)
+    return v / 1e6 if metric == "time_ns" else v
+
+
+def summary_table(records: Sequence[dict[str, Any]]) -> str:
+    """Median time and key counters per point and family of fork, exit and munmap runs,
+    and per-task latency and lock rows of SimPy runs."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("family") in ("fork", "exit", "munmap"):
+            groups[(str(r.get("label") or r.get("arch")), _row_name(r), r["family"])].append(r)
+    counters = [c for c in SUMMARY_COUNTERS if any(c in r for rs in groups.values() for r in rs)]
+    out = []
+    if groups:
+        rows = []
+        for (label, row, fam), rs in groups.items():
+            rows.append([label, row, fam, len(rs), _metric_value("time_ns", [r["time_ns"] for r in rs]),
+                         *(_median([r.get(c, 0) for r in rs]) for c in counters)])
+        out.append(format_table(["run", "point", "family", "n", "ms (median)", *counters], rows))
+    lat = [r for r in records if r.get("family") == "latency"]
+    if lat:
+        rows = [[r.get("label") or r.get("row") or "-", r["task"], r["wakeups"], r["latency_p50_ns"] / 1e3,
+                 r["latency_p99_ns"] / 1e3, r["latency_max_ns"] / 1e3] for r in lat]
+        out.append(format_table(["run", "task", "wakeups", "p50 us", "p99 us", "max us"], rows))
+    locks = [r for r in records if r.get("family") == "lock" and r.get("holds")]
+    if locks:
+        rows = [[r.get("label") or r.get("row") or "-", r["lock"], r["path"], r["holds"], r["hold_p99_ns"] / 1e3,
+                 r["hold_max_ns"] / 1e3, r["waits"], r["wait_max_ns"] / 1e3] for r in locks]
+        out.append(format_table(["run", "lock", "path", "holds", "hold p99 us", "hold max us", "waits",
+                                 "wait max us"], rows))
+    return "\n\n".join(out) if out else "(no fork, munmap, latency or lock records)"
+
+
+def compare_rows(records: Sequence[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """The comparison as tidy rows: one per (point row, variant, family) with one column
+    per (metric, across combination), and ``speedup`` columns against the baseline."""
+    cc = cfg.compare
+    cells: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    combos: list[str] = []
+    for r in records:
+        fam = r.get("family")
+        if fam not in cc.families:
+            continue
+        combo = str(r.get("combo", ""))
+        if combo not in combos:
+            combos.append(combo)
+        key = (_row_name(r), str(r.get("variant", "")), fam)
+        for m in cc.metrics:
+            cells[key][f"{m}|{combo}"].append(float(r.get(m, 0)))
+    base, others = _speedup_pairs(cfg, combos)
+    out = []
+    for (row, variant, fam), vals in cells.items():
+        rec: dict[str, Any] = {"point": row, "variant": variant, "family": fam}
+        for m in cc.metrics:
+            for c in combos:
+                rec[f"{m} {c}".strip()] = _median(vals.get(f"{m}|{c}", []))
+        for b, o, name in zip(base, others, [f"{o} / {b}" for b, o in zip(base, others, strict=True)], strict=True):
+            tb, to = _median(vals.get(f"time_ns|{b}", [])), _median(vals.get(f"time_ns|{o}", []))
+            rec[f"speedup {name}"] = to / tb if tb > 0 else float("nan")
+        out.append(rec)
+    return out
+
+
+def _speedup_pairs(cfg: Config, combos: list[str]) -> tuple[list[str], list[str]]:
+    """(baseline combination, other combination) pairs that differ only in the speedup
+    axis, whose first value is the baseline."""
+    cc = cfg.compare
+    if cc.speedup is None or cc.speedup not in cc.across:
+        return [], []
+    keys = list(cc.across)
+    axis = keys.index(cc.speedup)
+    first = cc.across[cc.speedup][0]
+    base, others = [], []
+    for c in combos:
+        words = c.split(" ")
+        if len(words) != len(keys) or words[axis] != (first if isinstance(first, str) else str(first)):
+            continue
+        for o in combos:
+            ow = o.split(" ")
+            if o != c and len(ow) == len(words) and all(ow[i] == words[i] for i in range(len(keys)) if i != axis):
+                base.append(c)
+                others.append(o)
+    return base, others
+
+
+def compare_table(records: Sequence[dict[str, Any]], cfg: Config) -> str:
+    """The comparison as text: one table per family, rows = (point, variant), columns =
+    each metric for each across combination, then the speedups."""
+    rows = compare_rows(records, cfg)
+    if not rows:
+        return f"(no records of the families {', '.join(cfg.compare.families)} to compare)"
+    out = []
+    for fam in cfg.compare.families:
+        fam_rows = [r for r in rows if r["family"] == fam]
+        if not fam_rows:
+            continue
+        value_cols = [k for k in fam_rows[0] if k not in ("point", "variant", "family")]
+        headers = ["point", "variant", *(_header(k) for k in value_cols)]
+        body = [[r["point"], r["variant"] or "-",
+                 *(r[k] / 1e6 if k.startswith("time_ns") else r[k] for k in value_cols)] for r in fam_rows]
+        title = f"{fam}: simulated time (ms) and counts, median of {_reps(records)} run(s)"
+        out.append(f"{title}\n{format_table(headers, body)}")
+    return "\n\n".join(out)
+
+
+def _header(col: str) -> str:
+    if col.startswith("time_ns"):
+        return ("ms " + col[len("time_ns"):].strip()).strip()
+    if col.startswith("speedup "):
+        return col[len("speedup "):].split(" / ")[1] + "/" + col.split(" / ")[0][len("speedup "):]
+    return col
+
+
+def _reps(records: Sequence[dict[str, Any]]) -> int:
+    return 1 + max((int(r.get("rep", 0)) for r in records), default=0)
