@@ -12,6 +12,7 @@ from mmuemu.errors import (
     OutOfMemory,
     SegmentationFault,
 )
+from mmuemu.experiment import run
 from mmuemu.info import FolioInfo, PteInfo
 from mmuemu.machine import Machine, Measurement
 from mmuemu.process import Process
@@ -63,4 +64,5 @@ __all__ = [
     "__version__",
     "available_arches",
     "register",
+    "run",
 ]

@@ -80,7 +80,7 @@ def points(cfg: Config, *, compare: bool = False, across: Mapping[str, Sequence[
     seeds = np.random.SeedSequence(cfg.experiment.seed).spawn(len(rows) * len(cols))
     out = []
     for r, sweep_vals in enumerate(rows):
-        row = ", ".join(f"{k.rsplit('.', 1)[-1]}={show(v)}" for k, v in sweep_vals.items())
+        row = ", ".join(f"{k.rsplit('.', 1)[-1]}={_word(v)}" for k, v in sweep_vals.items())
         for c, (label, variant, combo, col_vals) in enumerate(cols):
             params = {**sweep_vals, **col_vals}
             i = r * len(cols) + c
@@ -216,7 +216,7 @@ def _run_simpy(point: Point, seed: int, rep: int) -> tuple[list[dict[str, Any]],
         if ex.kind == "munmap":
             prog: tuple[Any, ...] = (Sleep(ns=ex.interval_ns), *(Munmap(name=r) for r in regions))
         else:
-            prog = (Loop(body=[Sleep(ns=ex.interval_ns), Fork(child="exit")], times=ex.forks),)
+            prog = (Loop(body=[Sleep(ns=ex.interval_ns), Fork(child="exit", cpu=ex.child_cpu)], times=ex.forks),)
         forker = sim.add_task(p, prog, cpu=ex.forker_cpu, name="forker")
         forker.mappings.update(regions)
     res = sim.run(until_ns=ex.until_ns)

@@ -120,9 +120,9 @@ def compare_rows(records: Sequence[dict[str, Any]], cfg: Config) -> list[dict[st
         for m in cc.metrics:
             for c in combos:
                 rec[f"{m} {c}".strip()] = _median(vals.get(f"{m}|{c}", []))
-        for b, o, name in zip(base, others, [f"{o} / {b}" for b, o in zip(base, others, strict=True)], strict=True):
+        for b, o in zip(base, others, strict=True):
             tb, to = _median(vals.get(f"time_ns|{b}", [])), _median(vals.get(f"time_ns|{o}", []))
-            rec[f"speedup {name}"] = to / tb if tb > 0 else float("nan")
+            rec["speedup" if len(base) == 1 else f"speedup {b} vs {o}"] = to / tb if tb > 0 else float("nan")
         out.append(rec)
     return out
 
@@ -153,6 +153,7 @@ def compare_table(records: Sequence[dict[str, Any]], cfg: Config) -> str:
     """The comparison as text: one table per family, rows = (point, variant), columns =
     each metric for each across combination, then the speedups."""
     rows = compare_rows(records, cfg)
+    base, others = _speedup_pairs(cfg, list(dict.fromkeys(str(r.get("combo", "")) for r in records)))
     if not rows:
         return f"(no records of the families {', '.join(cfg.compare.families)} to compare)"
     out = []
@@ -165,16 +166,22 @@ def compare_table(records: Sequence[dict[str, Any]], cfg: Config) -> str:
         body = [[r["point"], r["variant"] or "-",
                  *(r[k] / 1e6 if k.startswith("time_ns") else r[k] for k in value_cols)] for r in fam_rows]
         title = f"{fam}: simulated time (ms) and counts, median of {_reps(records)} run(s)"
+        if base:
+            title += f"; speedup = time at {others[0].split()[0] if len(base) == 1 else 'the other value'} / time at {base[0].split()[0] if len(base) == 1 else 'the first'}"
         out.append(f"{title}\n{format_table(headers, body)}")
     return "\n\n".join(out)
 
 
+#: short column names for the text table (the CSV keeps the full ones)
+_SHORT = {"time_ns": "ms", "contpte_unfolds": "unfolds", "contpte_folds": "folds", "tlbi_ops": "tlbi",
+          "folio_ref_ops": "refs", "mapcount_ops": "mapcounts", "pte_writes": "pte wr", "pte_reads": "pte rd"}
+
+
 def _header(col: str) -> str:
-    if col.startswith("time_ns"):
-        return ("ms " + col[len("time_ns"):].strip()).strip()
     if col.startswith("speedup "):
-        return col[len("speedup "):].split(" / ")[1] + "/" + col.split(" / ")[0][len("speedup "):]
-    return col
+        return col
+    metric, _, combo = col.partition(" ")
+    return f"{_SHORT.get(metric, metric)} {combo}".strip()
 
 
 def _reps(records: Sequence[dict[str, Any]]) -> int:

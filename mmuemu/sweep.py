@@ -32,7 +32,8 @@ def check_executor(executor: str, jobs: int) -> None:
 def _bar(total: int, progress: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not progress or total < 2, unit="point", file=sys.stderr,
+    show = progress and total > 1 and sys.stderr.isatty()
+    return tqdm(total=total, disable=not show, unit="point", file=sys.stderr,
                 leave=False, dynamic_ncols=True)
 
 

@@ -10,6 +10,7 @@ key, the bad value and what is allowed.  docs/configs.md describes every key.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "TaskConfig",
     "build_config",
     "load_config",
+    "native_arch",
     "to_dict",
     "to_toml",
     "with_overrides",
@@ -54,8 +56,23 @@ def build_config(raw: dict[str, Any], source: str, *, axes: bool = True) -> Conf
         raise ConfigError(f"{source}: unknown key 'source' (the file a config came from is not set in it)")
     cfg: Config = structure(raw, Config, source)
     cfg = evolve(cfg, source=source, name=cfg.name or Path(source).stem)
+    if cfg.machine.arch == "native":
+        cfg = evolve(cfg, machine=evolve(cfg.machine, arch=native_arch(source)))
     check_config(cfg, axes=axes)
     return cfg
+
+
+#: platform.machine() names -> mmuemu arch names
+_NATIVE = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def native_arch(source: str = "<config>") -> str:
+    """The mmuemu arch of the machine running mmuemu (``arch = "native"`` in a config)."""
+    name = platform.machine().lower()
+    if name not in _NATIVE:
+        raise ConfigError(f"{source}: machine.arch = 'native': this machine is {name!r}, which mmuemu "
+                          f"does not emulate; allowed: {', '.join(sorted(set(_NATIVE.values())))}")
+    return _NATIVE[name]
 
 
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = (),

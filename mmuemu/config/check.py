@@ -43,7 +43,11 @@ def machine_arch(cfg: Config) -> Arch:
     try:
         return make_arch(mc.arch, **options)
     except MmuEmuError as e:
-        raise ConfigError(f"{cfg.source}: machine.options: {e}") from None
+        # every option any variant of the arch takes (arm64's contpte layer has more)
+        known = getattr(make_arch(mc.arch, **({"contpte": True} if mc.arch == "arm64" else {})),
+                        "allowed_options", ())
+        hint = next((did_you_mean(k, known) for k in sorted(options) if k not in known), "")
+        raise ConfigError(f"{cfg.source}: machine.options: {e}{hint}") from None
 
 
 def _orders(cfg: Config, arch: Arch, key: str, orders: list[int]) -> None:
@@ -68,6 +72,10 @@ def _check_machine(cfg: Config) -> Arch:
         base = default_costs(mc.arch) if mc.costs == "default" else load_costs(mc.costs)
     except MmuEmuError as e:
         raise ConfigError(f"{cfg.source}: machine.costs: {e}") from None
+    except UnicodeDecodeError:
+        raise _fail(cfg, "machine.costs", mc.costs, "not a text file (cost models are TOML)") from None
+    except OSError as e:
+        raise _fail(cfg, "machine.costs", mc.costs, f"cannot read it: {e.strerror or e}") from None
     known = set(base.ns) | set(COUNTERS)
     for key, value in mc.cost_ns.items():
         if key not in known:
@@ -160,8 +168,9 @@ def _check_experiment(cfg: Config) -> None:
                     "experiment.runner = 'simpy' (or kind = 'fork-under-load')")
     if ex.kind == "program" and not cfg.tasks:
         raise _fail(cfg, "experiment.kind", "program", "needs at least one [tasks.NAME] table")
-    if ex.forker_cpu is not None and not 0 <= ex.forker_cpu < cfg.machine.cpus:
-        raise _fail(cfg, "experiment.forker_cpu", ex.forker_cpu, f"this machine has CPUs 0..{cfg.machine.cpus - 1}")
+    for key, cpu in (("forker_cpu", ex.forker_cpu), ("child_cpu", ex.child_cpu)):
+        if cpu is not None and not 0 <= cpu < cfg.machine.cpus:
+            raise _fail(cfg, f"experiment.{key}", cpu, f"this machine has CPUs 0..{cfg.machine.cpus - 1}")
 
 
 def _check_axes(cfg: Config) -> None:

@@ -16,7 +16,7 @@ from cattrs.errors import (
     ForbiddenExtraKeysError,
     IterableValidationNote,
 )
-from cattrs.gen import make_dict_structure_fn
+from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
 
 from mmuemu.config.values import FieldError, Size, parse_size_value
 from mmuemu.errors import ConfigError
@@ -45,6 +45,8 @@ def load_raw(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: is a directory, not a config file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (configs are TOML)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -95,10 +97,9 @@ def apply_overrides(raw: dict[str, Any], pairs: Mapping[str, Any], source: str) 
                 if last:
                     node[part] = value
                 else:
-                    nxt = node.get(part)
-                    if not isinstance(nxt, dict | list):
-                        nxt = node[part] = {}
-                    node = nxt
+                    if part not in node:
+                        node[part] = {}
+                    node = node[part]
             else:
                 raise ConfigError(f"{source}: {'.'.join(parts[:i])} = {node!r} is not a table, "
                                   f"so {key!r} cannot be set")
@@ -175,7 +176,9 @@ def _make_converter() -> cattrs.Converter:
         return hook
 
     def mapping_hook(tp: Any) -> Any:
-        inner = conv.gen_structure_mapping(tp)
+        # not conv.gen_structure_mapping: it registers its function for ``tp`` directly,
+        # replacing this hook (and its type check) after the first use
+        inner = make_mapping_structure_fn(tp, conv, dict, detailed_validation=True)
 
         def hook(value: Any, t: Any) -> Any:
             if not isinstance(value, dict):

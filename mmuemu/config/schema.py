@@ -111,7 +111,8 @@ class ExperimentConfig:
     """What runs.  ``fork``: fork ``process`` and exit the child (then, with
     ``then_munmap``, munmap the parent's regions); ``munmap``: munmap them; both on either
     runner.  ``fork-under-load``: the SimPy runner, a forker task forking ``forks`` times
-    ``interval_ns`` apart next to the config's tasks.  ``program``: only the tasks."""
+    ``interval_ns`` apart next to the config's tasks (its children run on ``child_cpu``,
+    default the forker's CPU rule).  ``program``: only the tasks."""
 
     kind: str = field(default="fork", validator=_OneOf(*EXPERIMENTS))
     runner: str = field(default="instant", validator=_OneOf("instant", "simpy"))
@@ -121,6 +122,7 @@ class ExperimentConfig:
     forks: int = field(default=1, validator=_at_least(1))
     interval_ns: float = field(default=1_000_000.0, validator=_at_least(0))
     forker_cpu: int | None = 0
+    child_cpu: int | None = None
     until_ns: float | None = field(default=None, validator=_at_least(0))
     seed: int = 0
     check: bool = True
