@@ -74,6 +74,8 @@ def _check_machine(cfg: Config) -> Arch:
         raise ConfigError(f"{cfg.source}: machine.costs: {e}") from None
     except UnicodeDecodeError:
         raise _fail(cfg, "machine.costs", mc.costs, "not a text file (cost models are TOML)") from None
+    except ValueError as e:  # a NUL in the path
+        raise _fail(cfg, "machine.costs", mc.costs, f"not a usable path: {e}") from None
     except OSError as e:
         raise _fail(cfg, "machine.costs", mc.costs, f"cannot read it: {e.strerror or e}") from None
     known = set(base.ns) | set(COUNTERS)
@@ -81,10 +83,10 @@ def _check_machine(cfg: Config) -> Arch:
         if key not in known:
             raise ConfigError(f"{cfg.source}: unknown key machine.cost_ns.{key}{did_you_mean(key, known)}; "
                               f"operations of {base.name}: {', '.join(sorted(base.ns))}")
-        if value < 0:
+        if not value >= 0:  # NaN too
             raise _fail(cfg, f"machine.cost_ns.{key}", value, "a cost cannot be negative")
     for key, value in mc.cost_sim.items():
-        if value < 0:
+        if not value >= 0:
             raise _fail(cfg, f"machine.cost_sim.{key}", value, "must not be negative")
     return arch
 

@@ -38,7 +38,7 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     """The tables of a TOML file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")  # TOML is UTF-8 whatever the locale
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except IsADirectoryError:
@@ -86,7 +86,7 @@ def apply_overrides(raw: dict[str, Any], pairs: Mapping[str, Any], source: str) 
             last = i == len(parts) - 1
             where = ".".join(parts[: i + 1])
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
+                if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
                     raise ConfigError(f"{source}: {where}: index {part!r} out of range: the list "
                                       f"has {len(node)} element{'s' * (len(node) != 1)}")
                 if last:
@@ -278,7 +278,7 @@ def _dotted(path: Iterable[Any]) -> str:
 def _describe(source: str, raw: dict[str, Any], cls: type, path: tuple[Any, ...], leaf: BaseException) -> str:
     if isinstance(leaf, ForbiddenExtraKeysError):
         allowed = [f.name for f in attrs.fields(leaf.cl) if f.name != "source"]
-        bad = sorted(leaf.extra_fields)[0]
+        bad = sorted(map(str, leaf.extra_fields))[0]  # a dict source may have other keys
         key = _dotted((*path, bad))
         hint = did_you_mean(bad, allowed)
         if hint:

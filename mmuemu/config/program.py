@@ -68,7 +68,7 @@ def _action(item: Any, where: str, res: Resolver) -> Any:
     if not isinstance(item, dict):
         raise res.fail(where, item, "expected an action table like {op = \"sleep\", ns = 1000}")
     op = item.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise res.fail(f"{where}.op", op, f"allowed: {', '.join(OPS)}{did_you_mean(str(op), OPS)}")
     cls = OPS[op]
     names = {f.name for f in attrs.fields(cls)}
@@ -99,12 +99,12 @@ def _value(cls: type, key: str, value: Any, where: str, res: Resolver) -> Any:
             return int(parse_size_value(value))
         except ValueError as e:
             raise res.fail(where, value, str(e)) from None
-    if key == "child" and isinstance(value, list):
+    if key == "child" and not isinstance(value, str):  # a program: a table is not one
         return build_program(value, where, res)
     if key == "body":
         return build_program(value, where, res)
     if key == "process":
-        if value not in res.processes:
+        if not isinstance(value, str) or value not in res.processes:
             raise res.fail(where, value, f"no such process; processes: {', '.join(res.processes) or 'none'}"
                            f"{did_you_mean(str(value), res.processes)}")
         return res.processes[value]
@@ -115,7 +115,7 @@ def _value(cls: type, key: str, value: Any, where: str, res: Resolver) -> Any:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # not NaN
 
 
 def _is_int(v: Any) -> bool:

@@ -37,7 +37,7 @@ class _OneOf:
 
 def _at_least(lo: float) -> Any:
     def check(inst: object, attr: Attribute[Any], value: Any) -> None:
-        if value is not None and value < lo:
+        if value is not None and not value >= lo:  # NaN too
             raise FieldError(attr.name, f"must be at least {lo:g}")
     return check
 
