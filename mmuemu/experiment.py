@@ -18,7 +18,7 @@ import numpy as np
 from attrs import frozen
 
 from mmuemu.config import Config, load_config, with_overrides
-from mmuemu.config.check import image_file
+from mmuemu.config.check import costs_spec, image_file
 from mmuemu.config.load import parse_overrides, show
 from mmuemu.config.program import Resolver, build_program
 from mmuemu.machine import Machine
@@ -94,7 +94,7 @@ def points(cfg: Config, *, compare: bool = False, across: Mapping[str, Sequence[
 def cost_model(cfg: Config) -> CostModel:
     """The machine's cost model with the config's single-entry overrides."""
     mc = cfg.machine
-    base = default_costs(mc.arch) if mc.costs == "default" else load_costs(mc.costs)
+    base = default_costs(mc.arch) if mc.costs == "default" else load_costs(costs_spec(cfg))
     if not (mc.cost_ns or mc.cost_sim):
         return base
     return CostModel(f"{base.name}*", base.arch, {**base.ns, **mc.cost_ns}, base.description,

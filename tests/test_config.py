@@ -932,3 +932,28 @@ def test_hypothesis_text(text: str, tmp_path: Path) -> None:
     path = tmp_path / "text.toml"
     path.write_text(text, encoding="utf-8")
     _loads_or_config_error(lambda: load_config(path), str(path))
+
+
+def test_costs_path_is_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "mine.toml").write_text('name = "mine"\narch = "arm64"\n[ns]\npte_writes = 7.0\n')
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[machine]\narch = "arm64"\ncosts = "mine.toml"\n[processes.parent.regions.h]\nsize = "4MiB"\n')
+    from mmuemu.experiment import cost_model
+
+    assert cost_model(load_config(cfg_file)).ns["pte_writes"] == 7.0
+    cfg_file.write_text('[machine]\ncosts = "other.toml"\n')
+    with pytest.raises(ConfigError, match="machine.costs"):
+        load_config(cfg_file)
+
+
+def test_a_string_addr_names_a_region_in_every_action(tmp_path: Path) -> None:
+    body = ('[processes.p.regions.h]\nsize = "4MiB"\n[experiment]\nkind = "program"\n'
+            '[tasks.t]\nprocess = "p"\nprogram = [{op = "madvise", addr = "h", advice = "dontneed"}, '
+            '{op = "mprotect", addr = "%s", prot = "r"}]\n')
+    good = tmp_path / "good.toml"
+    good.write_text(body % "h")
+    load_config(good)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(body % "hh")
+    with pytest.raises(ConfigError, match=r"tasks\.t\.program\.1\.addr = 'hh': no such region.*did you mean 'h'"):
+        load_config(bad)

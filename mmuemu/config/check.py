@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from mmuemu.arch.base import Arch
     from mmuemu.config.schema import Config, ProcessConfig
 
-__all__ = ["FAMILIES", "check_config", "fits", "machine_arch"]
+__all__ = ["FAMILIES", "check_config", "costs_spec", "fits", "image_file", "machine_arch"]
 
 #: metric families an instant-runner experiment records
 FAMILIES = ("fork", "exit", "munmap")
@@ -58,6 +58,16 @@ def _orders(cfg: Config, arch: Arch, key: str, orders: list[int]) -> None:
                         f"0 and 2..{arch.pmd_order} ({arch.pmd_order} = PMD THP, 2 MiB)")
 
 
+def costs_spec(cfg: Config) -> str | Path:
+    """The machine's cost model: a name, or a path (relative to the config's folder)."""
+    spec = cfg.machine.costs
+    if Path(spec).suffix and not Path(spec).is_absolute() and not cfg.source.startswith("<"):
+        beside = Path(cfg.source).parent / spec
+        if beside.exists():
+            return beside
+    return spec
+
+
 def _check_machine(cfg: Config) -> Arch:
     from mmuemu.machine import COUNTERS
     from mmuemu.sim.costs import default_costs, load_costs
@@ -69,7 +79,7 @@ def _check_machine(cfg: Config) -> Arch:
     if mc.cpus > 256:
         raise _fail(cfg, "machine.cpus", mc.cpus, "at most 256")
     try:
-        base = default_costs(mc.arch) if mc.costs == "default" else load_costs(mc.costs)
+        base = default_costs(mc.arch) if mc.costs == "default" else load_costs(costs_spec(cfg))
     except MmuEmuError as e:
         raise ConfigError(f"{cfg.source}: machine.costs: {e}") from None
     except UnicodeDecodeError:

@@ -81,9 +81,12 @@ def _action(item: Any, where: str, res: Resolver) -> Any:
             raise ConfigError(f"{res.source}: unknown key {where}.{key}{did_you_mean(key, allowed)}; "
                               f"allowed in {op!r} actions: {', '.join(allowed)}")
         kwargs[key] = _value(cls, key, value, f"{where}.{key}", res)
-    if "region" in item:
+    region, key = item.get("region"), "region"
+    if region is None and isinstance(item.get("addr"), str):  # addr = "heap" names a region too
+        region, key = kwargs.pop("addr"), "addr"
+    if region is not None:
         owner = item.get("process") if op == "rmap-walk" else res.process
-        _region(op, item["region"], kwargs, f"{where}.region", res, owner)
+        _region(op, region, kwargs, f"{where}.{key}", res, owner)
     try:
         return cls(**kwargs)
     except (MmuEmuError, ValueError, TypeError) as e:
