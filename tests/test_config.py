@@ -942,7 +942,7 @@ def test_costs_path_is_relative_to_the_config(tmp_path: Path) -> None:
 
     assert cost_model(load_config(cfg_file)).ns["pte_writes"] == 7.0
     cfg_file.write_text('[machine]\ncosts = "other.toml"\n')
-    with pytest.raises(ConfigError, match="machine.costs"):
+    with pytest.raises(ConfigError, match=r"machine\.costs"):
         load_config(cfg_file)
 
 
