@@ -17,6 +17,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 EXECUTORS = ("local", "dask", "dask://HOST:PORT")
+#: seconds to wait for an existing dask scheduler
+CONNECT_TIMEOUT_S = 10.0
 
 
 def check_executor(executor: str, jobs: int) -> None:
@@ -74,7 +76,7 @@ def _dask(fn: Callable[[T], R], items: Sequence[T], executor: str, jobs: int, pr
     else:
         address = "tcp://" + executor[len("dask://"):]
         try:
-            client = Client(address, timeout=10)
+            client = Client(address, timeout=CONNECT_TIMEOUT_S)
         except OSError as e:
             raise ConfigError(f"--executor {executor}: cannot reach the scheduler ({e})") from None
     try:

@@ -199,3 +199,24 @@ def test_library_run_returns_records() -> None:
     by = {(r["fork_mode"], r["folio_kib"], r["family"]): r["time_ns"] for r in res.records}
     assert by[("legacy", 2048, "fork")] / by[("batched", 2048, "fork")] > 1.3
     assert by[("legacy", 4, "fork")] == pytest.approx(by[("batched", 4, "fork")], rel=0.03)
+
+
+def test_sweep_on_an_existing_dask_scheduler() -> None:
+    distributed = pytest.importorskip("dask.distributed")
+    cfg = load_config(ROOT / "configs" / "fork-folio-sizes.toml", SMALL["fork-folio-sizes"])
+    local = experiment.run(cfg).records
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        address = cluster.scheduler_address.removeprefix("tcp://")
+        remote = experiment.run(cfg, executor=f"dask://{address}").records
+    assert _strip(local) == _strip(remote)
+
+
+def test_unreachable_dask_scheduler_is_one_line(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("dask.distributed")
+    monkeypatch.setattr("mmuemu.sweep.CONNECT_TIMEOUT_S", 1.0)
+    cfg = ROOT / "configs" / "fork-folio-sizes.toml"
+    assert main(["sweep", str(cfg), *_sets("fork-folio-sizes"), "--executor", "dask://127.0.0.1:9", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the scheduler" in err
