@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import mmuemu
 from mmuemu.errors import OutOfMemory
 from mmuemu.mm.physmem import F_ALLOC, F_ANON, MAX_ORDER, PhysMem
 
@@ -113,3 +114,17 @@ def test_expand_runs_with_empty_runs() -> None:
 
     idx, off = expand_runs(np.array([0, 10]), np.array([0, 2]))
     assert idx.tolist() == [10, 11] and off.tolist() == [0, 1]
+
+
+def test_check_catches_a_stale_highest_block_cache() -> None:
+    m = mmuemu.Machine(memory="64MiB")
+    p = m.spawn()
+    a = p.mmap(4 << 20)
+    p.populate(a, 4 << 20)
+    p.fork().exit()  # tables come from the top and go back: the cache is filled and kept
+    m.check()
+    ph = m.kernel.phys
+    order = next(o for o in range(11) if ph.highest_cached(o) is not None)
+    ph._max_cache[order] += 1
+    with pytest.raises(mmuemu.InvariantError, match="cached highest free block"):
+        m.check()

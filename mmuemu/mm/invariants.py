@@ -238,5 +238,8 @@ def _check_buddy(k: Kernel) -> None:
                 raise InvariantError(f"buddy: a free block of order {order} overlaps an allocated folio")
             if (ph.token[pages] != 0).any():
                 raise InvariantError(f"buddy: a free block of order {order} holds page contents")
+        cached = ph.highest_cached(order)
+        if cached is not None and (not len(blocks) or cached != int(blocks.max()) >> order):
+            raise InvariantError(f"buddy: the cached highest free block of order {order} is stale")
     if total != ph.nr_free:
         raise InvariantError(f"buddy: free lists hold {total} pages but nr_free says {ph.nr_free}")

@@ -104,9 +104,20 @@ class PhysMem:
         self._add_free_range(ZERO_PFN + 1, n)
 
     # ------------------------------------------------------------------ buddy
+    def _cache_add(self, order: int, block: int) -> None:
+        """A block joined list ``order``: the cached highest block stays right."""
+        c = self._max_cache.get(order)
+        if c is not None and block > c:
+            self._max_cache[order] = block
+
+    def _cache_remove(self, order: int, top: int) -> None:
+        """Blocks up to ``top`` left list ``order``: forget its highest only if it went."""
+        if self._max_cache.get(order) == top:
+            del self._max_cache[order]
+
     def _add_block(self, start: int, order: int) -> None:
         self.free_lists[order].add(start >> order)
-        self._max_cache.pop(order, None)
+        self._cache_add(order, start >> order)
         if order < MAX_ORDER:
             self.free_order[start] = order + 1
         self.nr_free += 1 << order
@@ -125,7 +136,6 @@ class PhysMem:
         come out physically contiguous; from a long list of scattered blocks, any ``n`` of
         them (choosing would cost more than the allocation)."""
         blocks = self.free_lists[order]
-        self._max_cache.pop(order, None)
         if n >= len(blocks):
             arr = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
             blocks.clear()
@@ -137,6 +147,8 @@ class PhysMem:
             arr = np.fromiter(itertools.islice(blocks, n), dtype=np.int64, count=n)
             blocks.difference_update(arr.tolist())
         arr.sort()
+        if len(arr):
+            self._cache_remove(order, int(arr[-1]))
         arr <<= order
         if order < MAX_ORDER:
             self.free_order[arr] = 0
@@ -211,8 +223,9 @@ class PhysMem:
         k = int(np.searchsorted(cum, n)) + 1  # blocks used, the last one maybe in part
         start, orders, pieces = start[:k], orders[:k], pieces[:k].copy()
         for j in np.unique(orders).tolist():
-            self.free_lists[j].difference_update((start[orders == j] >> j).tolist())
-            self._max_cache.pop(j, None)
+            gone = start[orders == j] >> j
+            self.free_lists[j].difference_update(gone.tolist())
+            self._cache_remove(j, int(gone.max()))
         self.free_order[start[orders < MAX_ORDER]] = 0
         self.nr_free -= int((np.int64(1) << orders).sum())
         spare = int(cum[k - 1]) - n
@@ -222,6 +235,10 @@ class PhysMem:
             self._add_free_range(end - (spare << order), end)
         heads, off = expand_runs(start, pieces)
         return heads + (off << order) - off
+
+    def highest_cached(self, order: int) -> int | None:
+        """The cached highest free block number of ``order`` (None: not cached)."""
+        return self._max_cache.get(order)
 
     def _highest(self, order: int) -> int:
         """The highest free block number of ``order`` (cached until the list changes)."""
@@ -283,7 +300,7 @@ class PhysMem:
             pre = budc[in_lists]
             if len(pre):
                 self.free_lists[k].difference_update((pre >> k).tolist())
-                self._max_cache.pop(k, None)
+                self._cache_remove(k, int(pre.max()) >> k)
                 self.free_order[pre] = 0
                 self.nr_free -= len(pre) << k
             starts = np.unique(np.minimum(starts[merge], budc[merge]))
@@ -297,7 +314,7 @@ class PhysMem:
             if bud >= self.nr_pages or fo[bud] != order + 1:
                 break
             self.free_lists[order].discard(bud >> order)
-            self._max_cache.pop(order, None)
+            self._cache_remove(order, bud >> order)
             fo[bud] = 0
             self.nr_free -= 1 << order
             start = min(start, bud)
@@ -307,7 +324,7 @@ class PhysMem:
     def _add_blocks(self, starts: I64, order: int) -> None:
         if len(starts):
             self.free_lists[order].update((starts >> order).tolist())
-            self._max_cache.pop(order, None)
+            self._cache_add(order, int(starts.max()) >> order)
             if order < MAX_ORDER:
                 self.free_order[starts] = order + 1
             self.nr_free += len(starts) << order
