@@ -97,11 +97,24 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(out) if out else "(no fork, munmap, latency or lock records)"
 
 
+#: families whose rows leave zero counters out (a missing counter reads 0)
+_COUNTED = ("fork", "exit", "munmap", "run")
+
+
+def _subject(r: dict[str, Any]) -> str:
+    """What a row of a family is about: its task (latency), its lock and path (lock)."""
+    if r.get("family") == "latency":
+        return str(r.get("task", ""))
+    if r.get("family") == "lock":
+        return f"{r.get('lock')} {r.get('path')}"
+    return ""
+
+
 def compare_rows(records: Sequence[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
-    """The comparison as tidy rows: one per (point row, variant, family) with one column
-    per (metric, across combination), and ``speedup`` columns against the baseline."""
+    """The comparison as tidy rows: one per (point row, variant, family, subject) with one
+    column per (metric, across combination), and ``speedup`` columns against the baseline."""
     cc = cfg.compare
-    cells: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cells: dict[tuple[str, str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     combos: list[str] = []
     for r in records:
         fam = r.get("family")
@@ -110,13 +123,17 @@ def compare_rows(records: Sequence[dict[str, Any]], cfg: Config) -> list[dict[st
         combo = str(r.get("combo", ""))
         if combo not in combos:
             combos.append(combo)
-        key = (_row_name(r), str(r.get("variant", "")), fam)
+        key = (_row_name(r), str(r.get("variant", "")), fam, _subject(r))
         for m in cc.metrics:
-            cells[key][f"{m}|{combo}"].append(float(r.get(m, 0)))
+            v = r.get(m, 0 if fam in _COUNTED and not m.endswith("_ns") else None)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                cells[key][f"{m}|{combo}"].append(float(v))
     base, others = _speedup_pairs(cfg, combos)
     out = []
-    for (row, variant, fam), vals in cells.items():
+    for (row, variant, fam, subject), vals in cells.items():
         rec: dict[str, Any] = {"point": row, "variant": variant, "family": fam}
+        if subject:
+            rec["of"] = subject
         for m in cc.metrics:
             for c in combos:
                 rec[f"{m} {c}".strip()] = _median(vals.get(f"{m}|{c}", []))
@@ -161,11 +178,13 @@ def compare_table(records: Sequence[dict[str, Any]], cfg: Config) -> str:
         fam_rows = [r for r in rows if r["family"] == fam]
         if not fam_rows:
             continue
-        value_cols = [k for k in fam_rows[0] if k not in ("point", "variant", "family")]
-        headers = ["point", "variant", *(_header(k) for k in value_cols)]
-        body = [[r["point"], r["variant"] or "-",
-                 *(r[k] / 1e6 if k.startswith("time_ns") else r[k] for k in value_cols)] for r in fam_rows]
-        title = f"{fam}: simulated time (ms) and counts, median of {_reps(records)} run(s)"
+        value_cols = [k for k in fam_rows[0] if k not in ("point", "variant", "family", "of")
+                      and any(r.get(k) == r.get(k) for r in fam_rows)]  # not all NaN
+        subjects = any("of" in r for r in fam_rows)
+        headers = ["point", "variant", *(["of"] if subjects else []), *(_header(k) for k in value_cols)]
+        body = [[r["point"], r["variant"] or "-", *([r.get("of", "")] if subjects else []),
+                 *(_scaled(k, r.get(k)) for k in value_cols)] for r in fam_rows]
+        title = f"{fam}: median of {_reps(records)} run(s); ms = simulated milliseconds, us = microseconds"
         if base:
             title += f"; speedup = time at {others[0].split()[0] if len(base) == 1 else 'the other value'} / time at {base[0].split()[0] if len(base) == 1 else 'the first'}"
         out.append(f"{title}\n{format_table(headers, body)}")
@@ -177,10 +196,23 @@ _SHORT = {"time_ns": "ms", "contpte_unfolds": "unfolds", "contpte_folds": "folds
           "folio_ref_ops": "refs", "mapcount_ops": "mapcounts", "pte_writes": "pte wr", "pte_reads": "pte rd"}
 
 
+def _scaled(col: str, v: Any) -> Any:
+    """Times in ms for time_ns columns, µs for other *_ns columns."""
+    if not isinstance(v, float) or v != v:
+        return v
+    if col.startswith("time_ns"):
+        return v / 1e6
+    if col.split(" ", 1)[0].endswith("_ns"):
+        return v / 1e3
+    return v
+
+
 def _header(col: str) -> str:
     if col.startswith("speedup "):
         return col
     metric, _, combo = col.partition(" ")
+    if metric not in _SHORT and metric.endswith("_ns"):
+        metric = metric[:-3] + " us"
     return f"{_SHORT.get(metric, metric)} {combo}".strip()
 
 

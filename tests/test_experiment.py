@@ -26,7 +26,7 @@ SMALL = {
     "fork-folio-sizes": ["processes.parent.regions.heap.size=8MiB",
                          'sweep."processes.parent.folio_orders"=[[0], [4], [9]]'],
     "fork-under-load": ["processes.parent.regions.heap.size=16MiB", "experiment.forks=2",
-                        'sweep."machine.preempt"=["none", "lazy"]', "tasks.co-runner.program.0.times=8",
+                        'compare.across."machine.preempt"=["none", "lazy"]', "tasks.co-runner.program.0.times=8",
                         "tasks.writer.program.0.times=3", "tasks.reclaim.program.0.times=2"],
     "fork-elf": ["processes.app.regions.arena.size=8MiB"],
     "fork-smaps": [],
@@ -44,7 +44,8 @@ def test_every_config_has_small_overrides() -> None:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_shipped_config_runs(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cmd = "compare" if "compar" in config.stem else "run"
+    declared = load_config(config).compare
+    cmd = "compare" if declared.variants or declared.across else "run"
     rc = main([cmd, str(config), *_sets(config.stem), "--out", str(tmp_path), "--no-plots"])
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -59,7 +60,7 @@ def test_compare_shows_times_speedups_unfolds_and_tlbis(tmp_path: Path, capsys: 
     cfg = ROOT / "configs" / "arch-compare.toml"
     assert main(["compare", str(cfg), *_sets("arch-compare"), "--out", str(tmp_path), "--no-plots"]) == 0
     text = capsys.readouterr().out
-    assert "fork: simulated time" in text and "munmap: simulated time" in text
+    assert "fork: median" in text and "munmap: median" in text
     with (tmp_path / "compare.csv").open() as f:
         rows = {(r["point"], r["variant"], r["family"]): r for r in csv.DictReader(f)}
     for folio in ("4K", "16K", "64K", "2M"):
@@ -130,7 +131,7 @@ def test_run_directory(tmp_path: Path) -> None:
 
 def _sweep_config() -> mmuemu.config.Config:
     return load_config(ROOT / "configs" / "fork-under-load.toml", SMALL["fork-under-load"] + [
-        "processes.parent.regions.heap.size=8MiB", 'sweep."machine.fork_mode"=["batched"]',
+        "processes.parent.regions.heap.size=8MiB", 'sweep."machine.preempt"=["none", "lazy"]',
         "output.trace=false", "output.plots=false"])
 
 
@@ -143,8 +144,8 @@ def test_sweep_is_the_same_on_every_local_executor() -> None:
     one = experiment.run(cfg, jobs=1).records
     two = experiment.run(cfg, jobs=2).records
     assert len(one) > 10 and _strip(one) == _strip(two)
-    lazy = [r for r in one if r["family"] == "latency" and r["task"] == "co-runner"]
-    assert len(lazy) == 2  # one per preemption model
+    lat = [r for r in one if r["family"] == "latency" and r["task"] == "co-runner"]
+    assert len(lat) == 2 * 2  # per preemption model and fork mode
 
 
 def test_sweep_on_dask_gives_the_same_records() -> None:
@@ -220,3 +221,19 @@ def test_unreachable_dask_scheduler_is_one_line(capsys: pytest.CaptureFixture[st
     assert main(["sweep", str(cfg), *_sets("fork-folio-sizes"), "--executor", "dask://127.0.0.1:9", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach the scheduler" in err
+
+
+def test_compare_of_preemption_models_shows_latency_and_locks(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = ROOT / "configs" / "fork-under-load.toml"
+    assert main(["compare", str(cfg), *_sets("fork-under-load"), "--set", 'sweep."machine.fork_mode"=["batched"]',
+                 "--out", str(tmp_path), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "latency: median" in text and "lock: median" in text
+    with (tmp_path / "compare.csv").open() as f:
+        rows = {(r["family"], r.get("of", "")): r for r in csv.DictReader(f)}
+    co = rows[("latency", "co-runner")]
+    # under lazy preemption a fork runs on to the tick; cond_resched lets the co-runner in
+    assert float(co["latency_p99_ns lazy"]) > 50 * float(co["latency_p99_ns none"])
+    assert float(rows[("lock", "ptl copy_pte_range")]["hold_p99_ns none"]) > 0
+    assert rows[("fork", "")]["time_ns none"] != ""

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FAMILIES", "check_config", "costs_spec", "fits", "image_file", "machine_arch"]
 
-#: metric families an instant-runner experiment records
-FAMILIES = ("fork", "exit", "munmap")
+#: record families a comparison can show (run, latency and lock come from the SimPy runner)
+FAMILIES = ("fork", "exit", "munmap", "run", "latency", "lock")
 ADVICE = ("hugepage", "nohugepage", "dontfork", "dofork", "wipeonfork", "keeponfork")
 MIN_MEMORY = 4 << 20
 
