@@ -165,26 +165,21 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(Any, _any)
     conv.register_unstructure_hook(Size, int)
 
-    def class_hook(tp: Any) -> Any:
-        inner = make_dict_structure_fn(tp, conv, _cattrs_forbid_extra_keys=True,
-                                       _cattrs_detailed_validation=True)
-
+    def tables_only(inner: Any) -> Any:
         def hook(value: Any, t: Any) -> Any:
             if not isinstance(value, dict):
                 raise TypeError("expected a table")
             return inner(value, t)
         return hook
+
+    def class_hook(tp: Any) -> Any:
+        return tables_only(make_dict_structure_fn(tp, conv, _cattrs_forbid_extra_keys=True,
+                                                  _cattrs_detailed_validation=True))
 
     def mapping_hook(tp: Any) -> Any:
         # not conv.gen_structure_mapping: it registers its function for ``tp`` directly,
         # replacing this hook (and its type check) after the first use
-        inner = make_mapping_structure_fn(tp, conv, dict, detailed_validation=True)
-
-        def hook(value: Any, t: Any) -> Any:
-            if not isinstance(value, dict):
-                raise TypeError("expected a table")
-            return inner(value, t)
-        return hook
+        return tables_only(make_mapping_structure_fn(tp, conv, dict, detailed_validation=True))
 
     def list_hook(tp: Any) -> Any:
         (elem,) = get_args(tp) or (Any,)
