@@ -124,9 +124,9 @@ def build_processes(m: Machine, cfg: Config) -> dict[str, tuple[Process, Regions
 
             kind, path = img
             image = load_elf(path, m.arch.name) if kind == "elf" else load_smaps(path)
-            sizes = {r.name: r.size for r in image.regions}
-            for rname, addr in map_image(p, image, populate=pc.populate_image).items():
-                regions[rname] = (addr, sizes.get(rname.split("#")[0], 0))
+            names = map_image(p, image, populate=pc.populate_image)  # in the image's order
+            for r, (rname, addr) in zip(image.regions, names.items(), strict=True):
+                regions[rname] = (addr, r.size)
         for rname, rc in pc.regions.items():
             a = p.mmap(int(rc.size), prot=rc.prot, shared=rc.shared, align=int(rc.align))
             for advice in rc.madvise:
