@@ -32,7 +32,8 @@ def _prot(v: Any) -> str:
 
 
 def memory_map(process: Process) -> MemoryMap:
-    """The memory map of a live process (read from its page tables, vectorised)."""
+    """The memory map of a live process (read from its page tables, vectorised), with the
+    sizes fs/proc/task_mmu.c show_smap reports (Size, Rss, AnonHugePages) per VMA."""
     k = process.machine.kernel
     a, pt, ph = k.arch, k.pt, k.phys
     n = a.ptrs_per_table
