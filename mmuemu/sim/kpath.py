@@ -249,8 +249,9 @@ def execute(sim: Simulation, task: Task, work: Work) -> Generator[Any, Any, Brea
         yield from sim.run_segment(task, seg)
         last = timing.section_of(seg.brk) if seg.brk is not None else seg.stop - 1
         _record_holds(sim, seg, classes, last)
-        if sim.locks.locks:  # only materialised (contended) locks need releasing
-            for key in _section_keys(work, last):
+        if sim.locks.locks:  # only materialised (contended) locks need releasing: every one
+            # this segment's sections took (a lock claimed for its first section included)
+            for key in [k for k, lk in sim.locks.locks.items() if lk.holder is task and k[0] in classes]:
                 sim.locks.release(key, task)
         switch = seg.resched and sim.sched.wants_switch(task)
         if seg.brk is not None:

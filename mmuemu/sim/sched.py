@@ -11,8 +11,10 @@ resched request under PREEMPT_LAZY), ``cond_resched`` and the preemption models:
 - ``lazy``: like ``full``, but a wakeup of a normal task only sets NEED_RESCHED_LAZY, which
   the kernel acts on at the next tick (when it becomes NEED_RESCHED) or on return to user.
 
-The scheduler does not model fairness beyond round-robin slices: a woken task is queued
-behind the runnable ones and, with ``wakeup_preempt``, asks the running task to yield.
+The scheduler does not model fairness beyond round-robin slices.  A woken task is queued
+ahead of the tasks that were preempted (behind earlier wakeups): a task that slept has lag
+to spend, so EEVDF picks it before the CPU hogs; with ``wakeup_preempt`` it asks the
+running task to yield.
 """
 
 from __future__ import annotations
@@ -105,7 +107,10 @@ class Scheduler:
             return
         ev = self.env.event()
         task.turn = ev
-        cpu.rq.append(task)
+        if woken:  # behind earlier wakeups, ahead of the preempted tasks
+            cpu.rq.insert(sum(1 for t in cpu.rq if t.woken_at is not None), task)
+        else:
+            cpu.rq.append(task)
         self.wake_tick(cpu)
         if woken and self.wakeup_preempt and cpu.current is not None:
             self.resched_curr(cpu, lazy=self.model == "lazy")

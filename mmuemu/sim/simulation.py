@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
-from mmuemu.errors import InvalidArgument
+from mmuemu.errors import InvalidArgument, InvariantError
 from mmuemu.mm.work import TlbFlush, Work
 from mmuemu.sim.kpath import Busy, Segment, sections_holding
 from mmuemu.sim.locks import LockBook, LockTable, RwSem
@@ -116,7 +116,16 @@ class Simulation:
             end: simpy.Event = self._all_done
             if until_ns is not None:
                 end = simpy.AnyOf(self.env, [self._all_done, self.env.timeout(round(until_ns * 1000))])
-            self.env.run(until=end)
+            try:
+                self.env.run(until=end)
+            except RuntimeError as e:  # SimPy ran out of events with tasks still waiting
+                stuck = [f"{lk.key} held by {lk.holder.name if lk.holder else None}, waited on by "
+                         f"{[t.name for t, _ in lk.waiters]}" for lk in self.locks.locks.values()]
+                raise InvariantError(f"simulation deadlock at {self.now_ns:.0f} ns: {e}; "
+                                     f"locks: {stuck or 'none'}") from None
+        leaked = [lk.key for lk in self.locks.locks.values() if lk.holder is not None and lk.holder.done_ps is not None]
+        if leaked:
+            raise InvariantError(f"finished tasks still hold spinlocks {leaked}")
         self.machine.runner.stats.update(self.stats)
         return Results.from_simulation(self)
 
