@@ -56,6 +56,17 @@ def _word(v: Any) -> str:
     return v if isinstance(v, str) else show(v)
 
 
+def _folio(kib: int) -> str:
+    return f"{kib // 1024}M" if kib >= 1024 else f"{kib}K"
+
+
+def _axis_word(key: str, v: Any) -> str:
+    """A sweep value as a table row names it: folio orders as the largest folio size."""
+    if key.endswith("folio_orders") and isinstance(v, list) and v and all(isinstance(o, int) for o in v):
+        return _folio(4 << max(v))
+    return f"{key.rsplit('.', 1)[-1]}={_word(v)}"
+
+
 def columns(cfg: Config, across: Mapping[str, Sequence[Any]] | None = None,
             ) -> list[tuple[str, str, str, dict[str, Any]]]:
     """The compare columns: (label, variant, combination, overrides) for every variant
@@ -80,7 +91,7 @@ def points(cfg: Config, *, compare: bool = False, across: Mapping[str, Sequence[
     seeds = np.random.SeedSequence(cfg.experiment.seed).spawn(len(rows) * len(cols))
     out = []
     for r, sweep_vals in enumerate(rows):
-        row = ", ".join(f"{k.rsplit('.', 1)[-1]}={_word(v)}" for k, v in sweep_vals.items())
+        row = ", ".join(_axis_word(k, v) for k, v in sweep_vals.items())
         for c, (label, variant, combo, col_vals) in enumerate(cols):
             params = {**sweep_vals, **col_vals}
             i = r * len(cols) + c
@@ -152,12 +163,12 @@ def folio_kib(cfg: Config, process: str) -> int:
     return 4 << max(orders)
 
 
-def _base_row(point: Point, rep: int, runner: str) -> dict[str, Any]:
+def _base_row(point: Point, rep: int, runner: str, m: Machine) -> dict[str, Any]:
     cfg = point.config
     return {"point": point.index, "rep": rep, "label": point.label, "row": point.row,
             "variant": point.variant, "combo": point.combo,
             "arch": cfg.machine.arch, "contpte": cfg.machine.contpte, "fork_mode": cfg.machine.fork_mode,
-            "costs": cost_model(cfg).name, "runner": runner, "kind": cfg.experiment.kind,
+            "costs": m.costs.name, "runner": runner, "kind": cfg.experiment.kind,
             "folio_kib": folio_kib(cfg, cfg.experiment.process),
             **{k: _cell(v) for k, v in point.params.items()}}
 
@@ -175,7 +186,7 @@ def _run_instant(point: Point) -> list[dict[str, Any]]:
         procs = build_processes(m, cfg)
         p, regions = procs[ex.process]
         size = sum(n for _, n in regions.values())
-        base = _base_row(point, rep, "instant")
+        base = _base_row(point, rep, "instant", m)
 
         def add(family: str, t: Any, base: dict[str, Any] = base, size: int = size) -> None:
             rows.append({**base, "family": family, "time_ns": t.ns, "size_bytes": size, **dict(t.counts)})
@@ -222,7 +233,7 @@ def _run_simpy(point: Point, seed: int, rep: int) -> tuple[list[dict[str, Any]],
     res = sim.run(until_ns=ex.until_ns)
     if ex.check:
         m.check()
-    base = _base_row(point, rep, "simpy")
+    base = _base_row(point, rep, "simpy", m)
     rows = [{**base, "family": "run", "end_ns": res.end_ns, "events": res.events, **dict(res.counters)}]
     for r in res.records:
         r = dict(r)

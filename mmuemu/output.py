@@ -54,14 +54,13 @@ def meta(res: Results, *, command: Sequence[str] | None = None, seconds: float |
     and the generic arch helpers its backend overrides."""
     import mmuemu
 
-    machines: dict[str, Any] = {}
+    costs: dict[tuple[str, bool], set[str]] = {}
     for r in res.records:
-        key = f"{r.get('arch')}{'+contpte' if r.get('contpte') else ''}"
-        if key not in machines:
-            arch = make_arch(str(r["arch"]), **({"contpte": True} if r.get("contpte") else {}))
-            machines[key] = {"costs": sorted({str(x.get("costs")) for x in res.records
-                                              if x.get("arch") == r.get("arch")}),
-                             "overridden_helpers": overridden_helpers(arch)}
+        costs.setdefault((str(r["arch"]), bool(r.get("contpte"))), set()).add(str(r.get("costs")))
+    machines = {f"{arch}{'+contpte' if contpte else ''}": {
+        "costs": sorted(names),
+        "overridden_helpers": overridden_helpers(make_arch(arch, **({"contpte": True} if contpte else {}))),
+    } for (arch, contpte), names in costs.items()}
     cfg: Config | None = res.config
     return {"mmuemu": mmuemu.__version__, "python": platform.python_version(), "numpy": np.__version__,
             "platform": platform.platform(), "command": list(command) if command else sys.argv,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mmuemu.config import Config
+from mmuemu.config.load import show
 
 __all__ = ["compare_rows", "compare_table", "format_table", "summary_table"]
 
@@ -45,22 +46,8 @@ def _median(values: list[float]) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
-def _folio(kib: int) -> str:
-    return f"{kib // 1024}M" if kib >= 1024 else f"{kib}K"
-
-
 def _row_name(rec: dict[str, Any]) -> str:
-    """What a table row is: the folio size when the sweep sets folio orders, else the
-    sweep values."""
-    row = str(rec.get("row", ""))
-    if "folio_orders" in row:
-        rest = ", ".join(p for p in row.split(", ") if not p.startswith("folio_orders="))
-        return f"{_folio(int(rec['folio_kib']))}{', ' + rest if rest else ''}"
-    return row or "-"
-
-
-def _metric_header(metric: str) -> str:
-    return "ms" if metric == "time_ns" else metric
+    return str(rec.get("row") or "-")
 
 
 def _metric_value(metric: str, values: list[float]) -> float:
@@ -128,7 +115,7 @@ def compare_rows(records: Sequence[dict[str, Any]], cfg: Config) -> list[dict[st
             v = r.get(m, 0 if fam in _COUNTED and not m.endswith("_ns") else None)
             if isinstance(v, int | float) and not isinstance(v, bool):
                 cells[key][f"{m}|{combo}"].append(float(v))
-    base, others = _speedup_pairs(cfg, combos)
+    base, others = _speedup_pairs(cfg, [r for r in records if r.get("family") in cc.families])
     out = []
     for (row, variant, fam, subject), vals in cells.items():
         rec: dict[str, Any] = {"point": row, "variant": variant, "family": fam}
@@ -144,23 +131,25 @@ def compare_rows(records: Sequence[dict[str, Any]], cfg: Config) -> list[dict[st
     return out
 
 
-def _speedup_pairs(cfg: Config, combos: list[str]) -> tuple[list[str], list[str]]:
+def _speedup_pairs(cfg: Config, records: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """(baseline combination, other combination) pairs that differ only in the speedup
-    axis, whose first value is the baseline."""
+    axis, whose first value is the baseline (read from the records' axis columns)."""
     cc = cfg.compare
     if cc.speedup is None or cc.speedup not in cc.across:
         return [], []
     keys = list(cc.across)
     axis = keys.index(cc.speedup)
     first = cc.across[cc.speedup][0]
+    first = show(first) if isinstance(first, list | dict) else first  # as records spell it
+    values: dict[str, tuple[Any, ...]] = {}
+    for r in records:
+        values.setdefault(str(r.get("combo", "")), tuple(r.get(k) for k in keys))
     base, others = [], []
-    for c in combos:
-        words = c.split(" ")
-        if len(words) != len(keys) or words[axis] != (first if isinstance(first, str) else str(first)):
+    for c, cv in values.items():
+        if cv[axis] != first:
             continue
-        for o in combos:
-            ow = o.split(" ")
-            if o != c and len(ow) == len(words) and all(ow[i] == words[i] for i in range(len(keys)) if i != axis):
+        for o, ov in values.items():
+            if ov[axis] != first and all(ov[i] == cv[i] for i in range(len(keys)) if i != axis):
                 base.append(c)
                 others.append(o)
     return base, others
@@ -170,7 +159,7 @@ def compare_table(records: Sequence[dict[str, Any]], cfg: Config) -> str:
     """The comparison as text: one table per family, rows = (point, variant), columns =
     each metric for each across combination, then the speedups."""
     rows = compare_rows(records, cfg)
-    base, others = _speedup_pairs(cfg, list(dict.fromkeys(str(r.get("combo", "")) for r in records)))
+    base, others = _speedup_pairs(cfg, records)
     if not rows:
         return f"(no records of the families {', '.join(cfg.compare.families)} to compare)"
     out = []

@@ -10,6 +10,7 @@ key, the bad value and what is allowed.  docs/configs.md describes every key.
 
 from __future__ import annotations
 
+import copy
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,7 +81,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
     """A validated :class:`Config` from a TOML path (or a dict of tables), with ``--set``
     style ``"key=value"`` overrides (or a mapping of dotted keys) applied first."""
     if isinstance(source, Mapping):
-        raw, where = _copy(dict(source)), name or "<config>"
+        raw, where = copy.deepcopy(dict(source)), name or "<config>"
     else:
         raw, where = load_raw(source), str(source)
     pairs = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides, where)
@@ -114,10 +115,3 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any], where: str = "over
     except ConfigError as e:
         raise ConfigError(f"{e} (set by {where})") from None
 
-
-def _copy(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _copy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_copy(v) for v in x]
-    return x

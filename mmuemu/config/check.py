@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from mmuemu.arch.base import Arch
     from mmuemu.config.schema import Config, ProcessConfig
 
-__all__ = ["FAMILIES", "check_config", "costs_spec", "fits", "image_file", "machine_arch"]
+__all__ = ["FAMILIES", "check_config", "costs_spec", "image_file", "machine_arch", "populated_bytes"]
 
 #: record families a comparison can show (run, latency and lock come from the SimPy runner)
 FAMILIES = ("fork", "exit", "munmap", "run", "latency", "lock")
@@ -145,7 +145,7 @@ def _check_process(cfg: Config, arch: Arch, name: str, pc: ProcessConfig) -> Non
                 raise _fail(cfg, f"{key}.madvise", advice, f"allowed: {', '.join(ADVICE)}{did_you_mean(advice, ADVICE)}")
 
 
-def fits(cfg: Config) -> int:
+def populated_bytes(cfg: Config) -> int:
     """Bytes the config's regions populate (at most: images count their resident size)."""
     total = 0
     for pc in cfg.processes.values():
@@ -220,7 +220,7 @@ def check_config(cfg: Config, *, axes: bool = True) -> None:
     arch = _check_machine(cfg)
     for name, pc in cfg.processes.items():
         _check_process(cfg, arch, name, pc)
-    need = fits(cfg)
+    need = populated_bytes(cfg)
     if need > cfg.machine.memory:
         raise _fail(cfg, "machine.memory", int(cfg.machine.memory),
                     f"the regions populate {need >> 20} MiB: give the machine more memory")

@@ -248,24 +248,6 @@ def _lookup(raw: Any, path: tuple[Any, ...]) -> Any:
     return raw
 
 
-def _class_at(cls: Any, path: tuple[Any, ...]) -> Any:
-    """The attrs class the value at ``path`` structures into."""
-    tp = cls
-    for p in path:
-        if attrs.has(tp) and isinstance(p, str):
-            f = attrs.fields_dict(tp).get(p)
-            tp = f.type if f is not None else None
-        elif get_origin(tp) in (dict, list):
-            tp = get_args(tp)[-1]
-        else:
-            return None
-        if isinstance(tp, str):  # postponed annotations: resolve through attrs
-            return None
-        if get_origin(tp) is not None and type(None) in get_args(tp):
-            tp = next(a for a in get_args(tp) if a is not type(None))
-    return tp
-
-
 def _dotted(path: Iterable[Any]) -> str:
     return ".".join(str(p) for p in path)
 

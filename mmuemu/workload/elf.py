@@ -17,7 +17,7 @@ from elftools.elf.segments import InterpSegment
 from mmuemu.arch import available_arches
 from mmuemu.errors import ConfigError
 from mmuemu.mm.mmap import MMAP_MIN_ADDR, TASK_SIZE
-from mmuemu.workload.image import PAGE, Image, ImageRegion, prot_string
+from mmuemu.workload.image import PAGE, Image, ImageRegion, page_up, prot_string
 
 __all__ = ["ELF_ARCHES", "PIE_BASES", "load_elf"]
 
@@ -79,7 +79,7 @@ def load_elf(path: str | Path, arch: str | None = None, *, stack: int = 8 << 20,
         ld = Path(main.interp)
         if ld.is_file():
             info = _read(ld, arch)
-            span = _up(max(v + m for v, _, _, m, _ in info.loads)) - _down(info.loads[0][0])
+            span = page_up(max(v + m for v, _, _, m, _ in info.loads)) - _down(info.loads[0][0])
             at = (low - span - PAGE) & ~0xFFFF
             regions += _segments(info, at - _down(info.loads[0][0]) if info.pie else 0,
                                  str(ld.resolve()))
@@ -95,15 +95,11 @@ def load_elf(path: str | Path, arch: str | None = None, *, stack: int = 8 << 20,
 def _size(n: int, what: str) -> int:
     if not isinstance(n, int) or n < 0:
         raise ConfigError(f"load_elf: {what} size {n!r} must be a non-negative integer")
-    return _up(n)
+    return page_up(n)
 
 
 def _down(a: int) -> int:
     return a & ~(PAGE - 1)
-
-
-def _up(a: int) -> int:
-    return (a + PAGE - 1) & ~(PAGE - 1)
 
 
 def _read(path: Path, arch: str | None) -> _Elf:
@@ -161,8 +157,8 @@ def _segments(elf: _Elf, bias: int, name: str) -> list[ImageRegion]:
     out: list[ImageRegion] = []
     for vaddr, offset, filesz, memsz, flags in elf.loads:
         start = _down(bias + vaddr)
-        file_end = _up(bias + vaddr + filesz) if filesz else start
-        mem_end = _up(bias + vaddr + memsz)
+        file_end = page_up(bias + vaddr + filesz) if filesz else start
+        mem_end = page_up(bias + vaddr + memsz)
         write = bool(flags & PF_W)
         prot = prot_string(bool(flags & PF_R), write, bool(flags & PF_X))
         if out and out[-1].end > start:

@@ -204,12 +204,13 @@ def _resident(r: ImageRegion) -> tuple[Span | None, list[Span], list[Span]]:
     placed = thp[1] - thp[0] if thp else 0
     top = r.name == "[stack]"
     if r.shared:  # shared pages are page cache or shmem: read them in
-        return thp, [], _spans(gaps, 0, _pages(r.rss), top)
-    anon = _pages(r.anon) - placed
-    return thp, _spans(gaps, 0, anon, top), _spans(gaps, anon, _pages(r.rss) - placed - anon, top)
+        return thp, [], _spans(gaps, 0, page_up(r.rss), top)
+    anon = page_up(r.anon) - placed
+    return thp, _spans(gaps, 0, anon, top), _spans(gaps, anon, page_up(r.rss) - placed - anon, top)
 
 
-def _pages(n: int) -> int:
+def page_up(n: int) -> int:
+    """``n`` rounded up to whole pages."""
     return -(-n // PAGE) * PAGE
 
 
