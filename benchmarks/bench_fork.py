@@ -31,8 +31,9 @@ region, each run forks a fresh child and ``c.exit()``s it afterwards, outside th
   9. fork of 1 GiB of 64K folios on arm64 with contpte, batched, against the x86_64 64K
      fork forked in the same rounds                                       ratio vs x86 <= 1.2
   8. linearity: fork wall time per PTE at 1, 2, 4, 8, 16 GiB order-0 (``--quick`` stops at
-     4 GiB, ``--sizes`` chooses), all sizes forked in rounds; max/min of the per-size
-     median ns/PTE                                                                       <= 1.2
+     4 GiB, ``--sizes`` chooses), all sizes forked in rounds, each sample of a smaller size
+     timing several forks back to back so that every sample spans the same wall time;
+     max/min of the per-size median ns/PTE                                               <= 1.2
 
 Usage::
 
@@ -68,6 +69,8 @@ GIB = 1 << 30
 MIB = 1 << 20
 PAGE = 4096
 PMD_SIZE = 2 << 20
+#: the least number of rounds of the linearity row (each round is one sample of every size)
+LINEARITY_ROUNDS = 11
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -519,12 +522,20 @@ def linearity_rows(
     mmuemu: Any, sizes_gib: list[int], repeat: int, budget: float, kernel_ms: float | None
 ) -> list[Row]:
     """Fork time per PTE at each size. All sizes are built first and then forked in rounds,
-    one fork of each size per round, so that a change in the host's load during the run
-    falls on every size alike instead of on whichever size was being measured.  Each timed
-    fork follows an untimed one of the same process: after another size's fork the host's
-    caches hold that size's data, which costs the next fork about 1.3 ms (measured: 1 GiB
-    after an 8 GiB fork 7.2 ms, after its own 6.0 ms), a fixed cost that would count against
-    the small sizes only."""
+    so that a change in the host's load during the run falls on every size alike instead of
+    on whichever size was being measured.  Each timed sample follows an untimed fork of the
+    same process: after another size's fork the host's caches hold that size's data, which
+    costs the next fork about 1.3 ms (measured: 1 GiB after an 8 GiB fork 7.2 ms, after its
+    own 6.0 ms), a fixed cost that would count against the small sizes only.
+
+    A sample of a size below the largest times ``largest // size`` forks of it back to back
+    (the children live until the sample ends, then exit untimed) and divides by their number,
+    so that every sample spans the same wall time.  The host is shared: load from other
+    tenants comes in bursts of a few milliseconds, which swallow a whole 5 ms fork of 1 GiB
+    but only part of an 80 ms fork of 16 GiB, so single-fork samples of the small sizes
+    spread far wider (measured: 1 GiB 15.7-24.7 ns/PTE over 7 rounds, 16 GiB 12.2-17.5) and
+    their medians drift up with the load.  Each fork still pays its own fixed costs; the
+    single-fork medians are shown too."""
     rows: list[Row] = []
     per_pte: dict[int, float] = {}
     built: dict[int, Any] = {}
@@ -538,22 +549,32 @@ def linearity_rows(
             built[g] = (m, p)
         except Exception as e:
             errors[g] = e
+    largest = max(built, default=1)
+    group = {g: max(1, largest // g) for g in sizes_gib}  # forks per sample
+    single: dict[int, list[float]] = {g: [] for g in sizes_gib}
     spent = 0.0
-    for _ in range(repeat):
+    for _ in range(max(repeat, LINEARITY_ROUNDS)):
         for g, (_m, p) in built.items():
             # untimed: one fork of the same size just before, as rows 1-5 fork back to back,
             # so each size starts with its own data in the host caches, not another size's
             p.fork().exit()
             gc.collect()
+            forks = group[g]
+            children: list[Any] = []
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
-            child = p.fork()
+            children.append(p.fork())
+            t_first = time.perf_counter()
+            children.extend(p.fork() for _ in range(forks - 1))
             t1 = time.perf_counter()
             r1 = resource.getrusage(resource.RUSAGE_SELF)
-            child.exit()
-            samples[g].append((t1 - t0) * 1e3)
-            cpu[g].append(((r1.ru_utime - r0.ru_utime) * 1e3, (r1.ru_stime - r0.ru_stime) * 1e3,
-                           float(r1.ru_minflt - r0.ru_minflt)))
+            for child in children:
+                child.exit()
+            samples[g].append((t1 - t0) * 1e3 / forks)
+            single[g].append((t_first - t0) * 1e3)
+            cpu[g].append(((r1.ru_utime - r0.ru_utime) * 1e3 / forks,
+                           (r1.ru_stime - r0.ru_stime) * 1e3 / forks,
+                           float(r1.ru_minflt - r0.ru_minflt) / forks))
             spent += t1 - t0
         if spent > budget * max(1, len(built)):
             break
@@ -570,7 +591,10 @@ def linearity_rows(
             r.emu = statistics.median(samples[g])
             r.cpu = {k: statistics.median(c[i] for c in cpu[g])
                      for i, k in enumerate(("user_ms", "sys_ms", "minflt"))}
-            r.note = _cpu_note(r.cpu)
+            r.note = _cpu_note(r.cpu) + (
+                f"; per fork, {group[g]} forks a sample; the first fork of each sample: "
+                f"median {statistics.median(single[g]):.2f} ms"
+            )
             ns = r.emu * 1e6 / (size // PAGE)
             per_pte[g] = ns
             r.metric = ns

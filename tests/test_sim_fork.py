@@ -77,6 +77,18 @@ def test_item_starts_agree_with_per_item_costs(arch: str, order: int, split: boo
             assert (t.item_start(items) == ref[items]).all(), (w.path, s)
             for x in [*items[:: max(1, len(items) // 7)].tolist(), int(items[-1])]:
                 assert t.item_start_at(s, x) == ref[x], (w.path, s, x)
+                assert t.section_of(x) == s
+            # the closed form of the checkpoint search, where the costs allow one
+            for k in (1, 4, 32):
+                line = t.checkpoint_line(s, k)
+                if line is not None:
+                    j = np.arange(1, (len(items) - 1) // k + 1)
+                    assert (line[0] + j * line[1] == ref[items[0] + j * k]).all(), (w.path, s, k)
+        # section_at agrees with a search of the section starts, on and between them
+        probes = np.unique(np.concatenate([t.starts, t.starts + 1, t.starts - 1, [-10**6, t.total + 10**6]]))
+        for x in probes.tolist():
+            want = min(int(np.searchsorted(t.starts, x, side="right")) - 1, len(w.sections))
+            assert t.section_at(x) == want, (w.path, x)
 
 
 # ---------------------------------------------------------------- no contention

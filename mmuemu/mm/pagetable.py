@@ -97,6 +97,14 @@ class PageTables:
         if self.nr_free_rows < n:
             self._grow(n - self.nr_free_rows)
         top = self.nr_free_rows
+        if n == 1:  # one table (the upper levels of a walk): scalar writes
+            row, pfn = int(self.free_rows[top - 1]), int(pfns[0])
+            self.nr_free_rows = top - 1
+            self.rows_touched = max(self.rows_touched, row + 1)
+            self.row_pfn[row] = pfn
+            self.row_level[row] = level
+            self.pfn_row[pfn] = row + 1
+            return np.array([row], dtype=np.int64)
         rows = self.free_rows[top - n : top][::-1].copy()  # as n pops
         self.nr_free_rows = top - n
         # free rows are all zero (a table is freed empty), so nothing to clear
@@ -161,13 +169,13 @@ class PageTables:
 
     def _child(self, row: int, index: int, level: int, alloc: bool,
                new_rows: list[tuple[int, int]] | None) -> int:
-        entry = self.entries[row, index]
-        if entry:
-            return int(self.pfn_row[self.arch.table_pfn(np.asarray(entry, dtype=np.uint64))]) - 1
+        entry = self.entries[row, index : index + 1]
+        if entry[0]:
+            return int(self.pfn_row[self.arch.table_pfn(entry)[0]]) - 1
         if not alloc:
             return -1
         new = int(self.alloc(1, level)[0])
-        self.entries[row, index] = self.arch.mk_table(self.row_pfn[new : new + 1])[0]
+        self.entries[row, index : index + 1] = self.arch.mk_table(self.row_pfn[new : new + 1])
         if new_rows is not None:
             new_rows.append((row * self.arch.ptrs_per_table + index, new))
         return new

@@ -336,6 +336,12 @@ class PhysMem:
         if order == 1:
             raise ValueError("order-1 folios are not supported: large folios have order >= 2")
         heads = self.alloc(order, n, top)
+        if n == 1 and not order:  # one page (a page table): scalar writes
+            h = int(heads[0])
+            self.head[h] = h
+            self.refcount[h] = 1
+            self.flags[h] = F_ALLOC | flags
+            return heads
         nr = 1 << order
         if len(heads) and (len(heads) == 1 or bool((np.diff(heads) == nr).all())):
             # one physically contiguous run (the usual bulk case): slices, not scatters

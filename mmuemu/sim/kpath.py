@@ -97,8 +97,7 @@ class Segment:
         return self.t0 + (w - self.w0) + self.delay
 
     def current_section(self, now: int) -> int:
-        w = now - self.t0 - self.delay + self.w0
-        s = int(np.searchsorted(self.timing.starts, w, side="right")) - 1
+        s = self.timing.section_at(now - self.t0 - self.delay + self.w0)
         return min(max(s, self.sec), self.stop - 1)
 
     def keys(self, s: int) -> list[Key]:
@@ -158,6 +157,13 @@ class Segment:
             k = -(-RESCHED_PROGRESS // lazy.inc)
             first = 1 if s != self.sec else (self.item - lo) // k + 1
             last = (hi - lo - 1) // k
+            line = t.checkpoint_line(s, k)
+            if line is not None:  # starts grow by the same step: solve for the first
+                base, step = line
+                j = first if step <= 0 else max(first, -(-(w - base) // step))
+                if j > last or base + j * step < w:
+                    return None
+                return lo + j * k, base + j * step
             a, b = first, last + 1
             if a < b:  # checkpoint starts grow almost linearly in j: guess, then check
                 s_a = t.item_start_at(s, lo + a * k)

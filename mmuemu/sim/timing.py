@@ -30,8 +30,8 @@ class WorkTiming:
     ``starts`` (cumulative, so ``starts[s]`` is when section ``s`` begins and
     ``starts[-1] == total``); :meth:`item_start` gives item positions on demand."""
 
-    __slots__ = ("_const", "_item_cum", "_other", "_ranged", "costs", "ends", "section", "starts",
-                 "total", "work")
+    __slots__ = ("_const", "_item_cum", "_line", "_other", "_ranged", "costs", "ends", "section",
+                 "section_ps", "starts", "total", "width", "work")
 
     def __init__(self, costs: CostModel | Mapping[str, int], work: Work, extra_ps: dict[str, int] | None = None) -> None:
         if isinstance(costs, CostModel):
@@ -71,6 +71,8 @@ class WorkTiming:
                 else:
                     other.append((p, count, items))
         scalar = width * const + per_section if uniform else None
+        #: with every section alike: their length and cost (else 0 and None)
+        self.width = width if uniform else 0
         rest = []
         for p, count, items in other:
             if items is sections and not isinstance(count, np.ndarray):
@@ -86,11 +88,17 @@ class WorkTiming:
         self._const, self._other = const, other
         self._ranged: list[tuple[str, Any, Any]] | None = None
         self.section = sec
-        starts = np.zeros(len(sec) + 1, np.int64)
-        np.cumsum(sec, out=starts[1:])
+        #: every section's cost when they all cost the same (else None)
+        self.section_ps = scalar if not rest else None
+        if self.section_ps is not None:
+            starts = np.arange(n_sec + 1, dtype=np.int64) * self.section_ps
+        else:
+            starts = np.zeros(len(sec) + 1, np.int64)
+            np.cumsum(sec, out=starts[1:])
         self.starts = starts
         self.total = int(starts[-1])
         self._item_cum: I64 | None = None
+        self._line: dict[tuple[int, int], tuple[int, int] | None] = {}
 
     def item_start(self, items: I64) -> I64:
         """When each of these items begins (ps from the start of the Work)."""
@@ -143,6 +151,38 @@ class WorkTiming:
                 out += int(a[bisect.bisect_left(b, x)] - a[bisect.bisect_left(b, lo)])
         return out
 
+    def checkpoint_line(self, s: int, k: int) -> tuple[int, int] | None:
+        """When the checkpoints of section ``s`` every ``k`` items begin, as a line: item
+        ``lo + j*k`` (``j >= 1``) starts at ``base + j*step``.  None unless the costs make
+        it exact (counts per item alike, per section, at item 0, or lazy checkpoints every
+        ``k`` items)."""
+        if (s, k) in self._line:
+            return self._line[s, k]
+        lo = int(self.work.sections[s])
+        step = self._const * k
+        base = int(self.starts[s])
+        line: tuple[int, int] | None = None
+        for kind, a, b in self._ranged_parts():
+            if kind == "first":
+                base += a
+            elif kind == "item0":
+                base += a if lo == 0 else 0
+            elif kind == "lazy" and -(-RESCHED_PROGRESS // b.inc) == k:
+                base -= a  # checkpoint j has j - 1 checks before it
+                step += a
+            else:
+                break
+        else:
+            line = (base, step)
+        self._line[s, k] = line
+        return line
+
+    def section_at(self, w: int) -> int:
+        """The section running at Work-time ``w`` (-1 before the first, ``len`` after)."""
+        if self.section_ps:
+            return max(-1, w // self.section_ps) if w < self.total else len(self.section)
+        return int(np.searchsorted(self.starts, w, side="right")) - 1
+
     def _ranged_parts(self) -> list[tuple[str, Any, Any]]:
         """The non-uniform counts, each ready for range queries (built once)."""
         if self._ranged is None:
@@ -179,6 +219,8 @@ class WorkTiming:
 
     def section_of(self, item: int) -> int:
         """The section holding ``item``."""
+        if self.width:
+            return min(item // self.width, len(self.section) - 1)
         return int(np.searchsorted(self.work.sections, item, side="right") - 1)
 
 
