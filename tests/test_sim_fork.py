@@ -184,6 +184,20 @@ def test_corunner_latency_bounded_by_longest_section() -> None:
     assert out["batched"][0] > 0.5 * out["batched"][1]
 
 
+@pytest.mark.parametrize("mode", ["batched", "legacy"])
+def test_broken_sections_hold_their_parts(mode: str) -> None:
+    """A lock break splits a section's hold in two: the holds of the copy add up to the
+    sections' costs exactly, one more hold per break."""
+    res, _ = corunner(mode, wakes=25)
+    m, p, _ = machine(size=256 * MiB, order=9, split=True, mode=mode)
+    works = [w for w in captured_works(m, p) if w.path == "copy_pte_range"]
+    holds = res.hold_times_ns("ptl", "copy_pte_range")
+    breaks = sum(1 for b in res.breaks if b[1] == "copy_pte_range")
+    assert breaks > 5 or mode == "batched"  # (batched: one batch per table, no break inside)
+    assert len(holds) == sum(len(w.sections) for w in works) + breaks
+    assert round(holds.sum() * 1000) == sum(WorkTiming(m.costs, w).total for w in works)
+
+
 def test_corunner_breaks_fork_and_costs_it_time() -> None:
     res, _ = corunner("legacy")
     assert res.counters["lock_breaks"] > 0

@@ -36,8 +36,9 @@ from mmuemu.runs import Rows, expand_runs, flat_index
 __all__ = ["FORK_MODES", "dup_mmap"]
 
 FORK_MODES = ("batched", "legacy")
-#: page tables planned and committed together (bounds the temporaries: 512 MiB of PTEs)
-CHUNK_SLOTS = 64
+#: page tables planned and committed together: 256 MiB of address space, whose temporaries
+#: peak near 3 MiB (each chunk is one Work, so fewer chunks mean fewer runner events)
+CHUNK_SLOTS = 128
 I64 = NDArray[np.int64]
 B = NDArray[np.bool_]
 

@@ -86,12 +86,12 @@ class Segment:
         self.sec, self.item, self.stop = sec, item, stop
         self.t0 = sim.now_ps + lead  # ``lead``: work done first (re-taking the locks after a break)
         #: where the segment starts in the Work's own time (ps)
-        self.w0 = int(timing.starts[sec]) if w0 is None else w0
+        self.w0 = timing.start_of(sec) if w0 is None else w0
         self.delay = 0
         self.brk: int | None = None
         self.brk_w = 0  # the break item's start in the Work's time
         self.resched = False
-        self.end = self.real(int(timing.starts[stop]))
+        self.end = self.real(timing.start_of(stop))
 
     def real(self, w: int) -> int:
         return self.t0 + (w - self.w0) + self.delay
@@ -130,7 +130,7 @@ class Segment:
             if c >= self.stop:
                 return False
             self.stop = c
-            new = self.real(int(self.timing.starts[c]))
+            new = self.real(self.timing.start_of(c))
             if new < self.end:
                 self.end, self.brk = new, None
             return True
@@ -205,7 +205,7 @@ class Segment:
             if found is not None:
                 best = (self.real(found[1]), found[0], s + 1, found[1])
         if best is None and at_section_end:
-            best = (self.real(int(self.timing.starts[s + 1])), None, s + 1, 0)
+            best = (self.real(self.timing.start_of(s + 1)), None, s + 1, 0)
         if best is None or best[0] > self.end:
             return False
         self.end, self.brk, self.stop, self.brk_w = best[0], best[1], min(self.stop, best[2]), best[3]
@@ -309,21 +309,22 @@ def _record_holds(sim: Simulation, seg: Segment, classes: list[str], last: int) 
     if not classes:
         return
     t = seg.timing
-    whole = (seg.w0 == int(t.starts[seg.sec]) and not seg.delay and seg.brk is None
-             and seg.end - seg.t0 + seg.w0 == int(t.starts[last + 1]))
+    whole = (seg.w0 == t.start_of(seg.sec) and not seg.delay and seg.brk is None
+             and seg.end - seg.t0 + seg.w0 == t.start_of(last + 1))
     if whole and sim.trace is None:  # whole sections, nothing moved them: their costs
         dur = t.section[seg.sec : last + 1]
         for cls in classes:
             sim.book.holds(cls, seg.work.path, dur)
         return
-    lo = t.starts[seg.sec : last + 1].copy()
-    hi = t.starts[seg.sec + 1 : last + 2].copy()
-    lo[0] = seg.w0
+    # the sections' costs, less what ran before the restart point and after the stop
     w_end = seg.end - seg.t0 - seg.delay + seg.w0
-    hi[-1] = min(int(hi[-1]), w_end)
-    dur = hi - lo
-    dur[-1] += seg.delay
+    head = seg.w0 - t.start_of(seg.sec)
+    tail = seg.delay - max(0, t.start_of(last + 1) - w_end)
     for cls in classes:
-        sim.book.holds(cls, seg.work.path, dur)
+        sim.book.holds_cut(cls, seg.work.path, t.section, seg.sec, last + 1, head, tail)
     if sim.trace is not None:
+        lo = t.starts[seg.sec : last + 1].copy()
+        hi = t.starts[seg.sec + 1 : last + 2].copy()
+        lo[0] = seg.w0
+        hi[-1] = min(int(hi[-1]), w_end)
         sim.trace.holds(seg, lo, hi, last)

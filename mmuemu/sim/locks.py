@@ -47,16 +47,34 @@ class LockBook:
     def __init__(self) -> None:
         self._holds: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
         self._waits: dict[tuple[str, str], list[float]] = defaultdict(list)
+        self._cut: list[tuple[str, str, np.ndarray, int, int, int, int]] = []
 
     def holds(self, lock: str, path: str, durations_ps: np.ndarray) -> None:
         if len(durations_ps):
             self._holds[(lock, path)].append(np.asarray(durations_ps, dtype=np.int64))
+
+    def holds_cut(self, lock: str, path: str, section_ps: np.ndarray, lo: int, hi: int, head_ps: int,
+                  tail_ps: int) -> None:
+        """Holds of sections ``lo..hi-1`` costing ``section_ps``, less ``head_ps`` at the
+        first and with ``tail_ps`` added to the last (a segment that began or stopped
+        inside a section): kept as given, worked out when the holds are read."""
+        if hi > lo:
+            self._cut.append((lock, path, section_ps, lo, hi, head_ps, tail_ps))
+
+    def _settle(self) -> None:
+        for lock, path, sec, lo, hi, head, tail in self._cut:
+            dur = sec[lo:hi].copy()
+            dur[0] -= head
+            dur[-1] += tail
+            self._holds[(lock, path)].append(dur)
+        self._cut.clear()
 
     def wait(self, lock: str, path: str, ps: int) -> None:
         self._waits[(lock, path)].append(ps / 1000)
 
     def hold_times_ns(self, lock: str, path: str | None = None) -> np.ndarray:
         """Every hold of ``lock`` (on ``path``, or on any), in ns."""
+        self._settle()
         parts = [a for (lk, p), v in self._holds.items() if lk == lock and path in (None, p) for a in v]
         return np.concatenate(parts) / 1000 if parts else np.zeros(0)
 
@@ -65,6 +83,7 @@ class LockBook:
         return np.asarray(vals, dtype=float)
 
     def stats(self) -> list[LockStat]:
+        self._settle()
         out = []
         for key in sorted(set(self._holds) | set(self._waits)):
             h = np.sort(np.concatenate(self._holds[key])) / 1000 if self._holds.get(key) else np.zeros(0)

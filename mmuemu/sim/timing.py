@@ -98,7 +98,7 @@ class WorkTiming:
         self.starts = starts
         self.total = int(starts[-1])
         self._item_cum: I64 | None = None
-        self._line: dict[tuple[int, int], tuple[int, int] | None] = {}
+        self._line: dict[int, tuple[int, int, int] | None] = {}
 
     def item_start(self, items: I64) -> I64:
         """When each of these items begins (ps from the start of the Work)."""
@@ -156,26 +156,32 @@ class WorkTiming:
         ``lo + j*k`` (``j >= 1``) starts at ``base + j*step``.  None unless the costs make
         it exact (counts per item alike, per section, at item 0, or lazy checkpoints every
         ``k`` items)."""
-        if (s, k) in self._line:
-            return self._line[s, k]
-        lo = int(self.work.sections[s])
-        step = self._const * k
-        base = int(self.starts[s])
-        line: tuple[int, int] | None = None
-        for kind, a, b in self._ranged_parts():
-            if kind == "first":
-                base += a
-            elif kind == "item0":
-                base += a if lo == 0 else 0
-            elif kind == "lazy" and -(-RESCHED_PROGRESS // b.inc) == k:
-                base -= a  # checkpoint j has j - 1 checks before it
-                step += a
+        if k not in self._line:
+            step, off, off0 = self._const * k, 0, 0
+            part: tuple[int, int, int] | None = None
+            for kind, a, b in self._ranged_parts():
+                if kind == "first":
+                    off += a
+                elif kind == "item0":
+                    off0 += a  # (in the section that starts at item 0 only)
+                elif kind == "lazy" and -(-RESCHED_PROGRESS // b.inc) == k:
+                    off -= a  # checkpoint j has j - 1 checks before it
+                    step += a
+                else:
+                    break
             else:
-                break
-        else:
-            line = (base, step)
-        self._line[s, k] = line
-        return line
+                part = (off, off0, step)
+            self._line[k] = part
+        part = self._line[k]
+        if part is None:
+            return None
+        off, off0, step = part
+        base = self.start_of(s) + off + (off0 if int(self.work.sections[s]) == 0 else 0)
+        return base, step
+
+    def start_of(self, s: int) -> int:
+        """When section ``s`` begins (``start_of(len)`` is the total), as a plain int."""
+        return s * self.section_ps if self.section_ps is not None else int(self.starts[s])
 
     def section_at(self, w: int) -> int:
         """The section running at Work-time ``w`` (-1 before the first, ``len`` after)."""
