@@ -46,8 +46,8 @@ class Cpu:
     need_resched_lazy: bool = False
     #: when the current task started its time slice (ps)
     slice_start: int = 0
-    #: the event a stopped tick waits for (NO_HZ), or None while it runs
-    tick_stopped: Any = None
+    #: whether a tick is scheduled (NO_HZ: only while something on the CPU needs one)
+    tick_pending: bool = False
 
 
 class Scheduler:
@@ -100,11 +100,18 @@ class Scheduler:
     def acquire(self, task: Task, woken: bool = False) -> Any:
         """Get a CPU for ``task`` (a SimPy sub-generator); a ``woken`` task's scheduling
         latency is recorded when it runs."""
+        turn = self.request(task, woken)
+        if turn is not None:
+            yield turn
+
+    def request(self, task: Task, woken: bool = False) -> simpy.Event | None:
+        """:meth:`acquire` as one call: None when ``task`` runs at once, else the event
+        of its turn."""
         cpu = self.pick_cpu(task)
         task.woken_at = self.now if woken else None
         if cpu.current is None and not cpu.rq:
             self._run(cpu, task)
-            return
+            return None
         ev = self.env.event()
         task.turn = ev
         if woken:  # behind earlier wakeups, ahead of the preempted tasks
@@ -114,7 +121,7 @@ class Scheduler:
         self.wake_tick(cpu)
         if woken and self.wakeup_preempt and cpu.current is not None:
             self.resched_curr(cpu, lazy=self.model == "lazy")
-        yield ev
+        return ev
 
     def release(self, task: Task) -> None:
         """``task`` stops running (sleeps, blocks or exits): the next runnable task runs."""
@@ -182,26 +189,24 @@ class Scheduler:
         return flag
 
     def wake_tick(self, cpu: Cpu) -> None:
-        """Restart a stopped tick: somebody waits on the CPU, or a lazy request is pending."""
-        ev = cpu.tick_stopped
-        if ev is not None:
-            cpu.tick_stopped = None
-            ev.succeed()
+        """Restart a stopped tick, on the tick grid: somebody waits on the CPU, or a lazy
+        request is pending."""
+        if cpu.tick_pending:
+            return
+        cpu.tick_pending = True
+        tick = self.env.timeout(self.tick_ps - self.now % self.tick_ps)
+        tick.callbacks.append(lambda _ev: self._tick(cpu))
 
-    def ticker(self, cpu: Cpu) -> Any:
+    def _tick(self, cpu: Cpu) -> None:
         """Mirrors: scheduler_tick: end the time slice when others wait; under PREEMPT_LAZY
         promote a lazy request to NEED_RESCHED.  Like NO_HZ, the tick stops while nothing
-        on the CPU needs it (no task waiting, no lazy request) and restarts on the tick
-        grid when something does."""
-        env = self.env
-        while True:
-            if not (cpu.rq or cpu.need_resched_lazy):
-                cpu.tick_stopped = env.event()
-                yield cpu.tick_stopped
-            yield env.timeout(self.tick_ps - self.now % self.tick_ps)
-            if cpu.current is None:
-                continue
+        on the CPU needs it (no task waiting, no lazy request).  A tick is a timeout with
+        this callback, not a process: it costs one event and no process switch."""
+        cpu.tick_pending = False
+        if cpu.current is not None:
             if cpu.need_resched_lazy and not cpu.need_resched:
                 self.resched_curr(cpu)
             elif cpu.rq and self.now - cpu.slice_start >= self.slice_ps:
                 self.resched_curr(cpu)
+        if cpu.rq or cpu.need_resched_lazy:
+            self.wake_tick(cpu)

@@ -110,8 +110,6 @@ class Simulation:
                 t.process.mm.cpumask = set()
         for t in list(self.tasks):
             t.start()
-        for cpu in self.sched.cpus:
-            self.env.process(self.sched.ticker(cpu))
         if self.live:  # until every task is done (or ``until_ns``, whichever comes first)
             end: simpy.Event = self._all_done
             if until_ns is not None:

@@ -120,22 +120,24 @@ class Task:
         self.sim.task_done(self)
 
     def _program(self, prog: tuple[Any, ...]) -> Gen:
-        for act in prog:
+        sim = self.sim
+        for act in _unrolled(prog):
             try:
-                yield from self._do(act)
+                kind = type(act)  # the two commonest actions first, without a call
+                if kind is Run:
+                    yield from sim.busy(self, round(act.ns * 1000), "user", "run")
+                elif kind is Sleep:
+                    yield from self._sleep(round(act.ns * 1000))
+                else:
+                    yield from self._do(act)
             except MmuEmuError as e:  # the action fails (recorded); the program goes on
-                self.sim.errors.append((self.name, f"{type(act).__name__}: {e}"))
+                sim.errors.append((self.name, f"{type(act).__name__}: {e}"))
 
     def _do(self, act: Any) -> Gen:
+        """Every action but Run and Sleep (which :meth:`_program` runs itself) and Loop
+        (which it unrolls)."""
         sim = self.sim
-        if isinstance(act, Run):
-            yield from sim.busy(self, round(act.ns * 1000), "user", "run")
-        elif isinstance(act, Sleep):
-            yield from self._sleep(round(act.ns * 1000))
-        elif isinstance(act, Loop):
-            for _ in range(act.times):
-                yield from self._program(act.body)
-        elif isinstance(act, Access):
+        if isinstance(act, Access):
             yield from access.run_access(sim, self, act)
         elif isinstance(act, Fork):
             yield from self._fork(act)
@@ -146,6 +148,8 @@ class Task:
         elif isinstance(act, Exit):
             yield from self._exit()
             raise _Exited
+        elif isinstance(act, Run | Sleep | Loop):  # (subclasses of the kinds run inline)
+            yield from self._program((act,))
         else:  # pragma: no cover (check_program rejects these)
             raise TypeError(act)
 
@@ -153,7 +157,9 @@ class Task:
         sched = self.sim.sched
         sched.release(self)
         yield self.sim.env.timeout(ps)
-        yield from sched.acquire(self, woken=True)
+        turn = sched.request(self, woken=True)
+        if turn is not None:
+            yield turn
 
     def return_to_user(self) -> Gen:
         """Mirrors: exit_to_user_mode: schedule if NEED_RESCHED (or the lazy flag) is set."""
@@ -258,6 +264,16 @@ class Task:
             yield from run_path(sim, self, mmap.exit_mmap(sim.kernel, p.mm), p.mm.id)
         finally:
             sim.release_rwsem(self, sem)
+
+
+def _unrolled(prog: tuple[Any, ...]) -> Generator[Any, None, None]:
+    """The actions of a program in the order they run, loops unrolled as they are reached."""
+    for act in prog:
+        if type(act) is Loop:
+            for _ in range(act.times):
+                yield from _unrolled(act.body)
+        else:
+            yield act
 
 
 def _one(work: Work) -> Generator[Work, Any, None]:
