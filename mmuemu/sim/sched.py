@@ -131,7 +131,8 @@ class Scheduler:
         cpu.need_resched = cpu.need_resched_lazy = False
         if self.trace is not None:
             self.trace.cpu_end(cpu.index, task, self.now)
-        self._dispatch(cpu)
+        if cpu.rq:
+            self._dispatch(cpu)
 
     def preempt(self, task: Task) -> Any:
         """``task`` yields the CPU to the next runnable task and queues behind it (schedule()

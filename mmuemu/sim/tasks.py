@@ -120,14 +120,18 @@ class Task:
         self.sim.task_done(self)
 
     def _program(self, prog: tuple[Any, ...]) -> Gen:
-        sim = self.sim
+        sim, sched, env = self.sim, self.sim.sched, self.sim.env
         for act in _unrolled(prog):
             try:
-                kind = type(act)  # the two commonest actions first, without a call
+                kind = type(act)  # the two commonest actions first, inline
                 if kind is Run:
                     yield from sim.busy(self, round(act.ns * 1000), "user", "run")
-                elif kind is Sleep:
-                    yield from self._sleep(round(act.ns * 1000))
+                elif kind is Sleep:  # the CPU goes to the next task; back in the queue on wakeup
+                    sched.release(self)
+                    yield env.timeout(round(act.ns * 1000))
+                    turn = sched.request(self, woken=True)
+                    if turn is not None:
+                        yield turn
                 else:
                     yield from self._do(act)
             except MmuEmuError as e:  # the action fails (recorded); the program goes on
@@ -152,14 +156,6 @@ class Task:
             yield from self._program((act,))
         else:  # pragma: no cover (check_program rejects these)
             raise TypeError(act)
-
-    def _sleep(self, ps: int) -> Gen:
-        sched = self.sim.sched
-        sched.release(self)
-        yield self.sim.env.timeout(ps)
-        turn = sched.request(self, woken=True)
-        if turn is not None:
-            yield turn
 
     def return_to_user(self) -> Gen:
         """Mirrors: exit_to_user_mode: schedule if NEED_RESCHED (or the lazy flag) is set."""
