@@ -128,3 +128,35 @@ def test_check_catches_a_stale_highest_block_cache() -> None:
     ph._max_cache[order] += 1
     with pytest.raises(mmuemu.InvariantError, match="cached highest free block"):
         m.check()
+
+
+def _free_pages(ph: PhysMem) -> set[int]:
+    return {p for j, blocks in enumerate(ph.free_lists) for b in blocks for p in range(b << j, (b + 1) << j)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bulk_top_allocation_takes_what_single_steps_take(seed: int) -> None:
+    """A bulk alloc from the top takes the same pages as that many single allocs from the
+    top, on fragmented memory, and leaves the buddy lists consistent."""
+    import copy
+
+    rng = np.random.default_rng(seed)
+    ph = PhysMem(1 << 13)
+    held = [(int(o), ph.alloc(int(o), int(rng.integers(1, 40)), top=bool(rng.integers(2))))
+            for o in rng.choice([0, 0, 2, 4], size=30)]
+    for i in rng.permutation(len(held))[:20]:  # free most of them again, out of order
+        ph.free_blocks(held[i][1], held[i][0])
+    order = int(rng.choice([0, 2, 4]))
+    n = int(rng.integers(2, 60))
+    single = copy.deepcopy(ph)
+    bulk = ph.alloc(order, n, top=True)
+    steps = np.concatenate([single.alloc(order, 1, top=True) for _ in range(n)])
+    assert sorted(bulk.tolist()) == sorted(steps.tolist())
+    assert ph.nr_free == single.nr_free
+    assert _free_pages(ph) == _free_pages(single)
+    for j in range(MAX_ORDER):
+        marked = set(np.flatnonzero(ph.free_order == j + 1).tolist())
+        assert marked == {b << j for b in ph.free_lists[j]}
+    for j in range(MAX_ORDER + 1):
+        cached = ph.highest_cached(j)
+        assert cached is None or cached == max(ph.free_lists[j])

@@ -8,8 +8,6 @@ at least 32 resets it and checks ``need_resched()`` / ``spin_needbreak()``.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 from numpy.typing import NDArray
 
@@ -24,9 +22,8 @@ def checkpoint_count(inc: I64 | int, sections: I64, n: int) -> int | None:
     if not isinstance(inc, int):
         return None
     k = -(-RESCHED_PROGRESS // inc)  # a check every k items
-    bounds = sections.tolist()
-    bounds.append(n)
-    return sum(max(0, (b - a - 1) // k) for a, b in itertools.pairwise(bounds))
+    lens = np.diff(sections, append=n)
+    return int(np.maximum(0, (lens - 1) // k).sum())
 
 
 class LazyCheckpoints:
