@@ -71,7 +71,7 @@ class WorkTiming:
                 else:
                     other.append((p, count, items))
         scalar = width * const + per_section if uniform else None
-        #: with every section alike: their length and cost (else 0 and None)
+        #: the length of every section when they are all alike (else 0)
         self.width = width if uniform else 0
         rest = []
         for p, count, items in other:
