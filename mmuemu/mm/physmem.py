@@ -252,15 +252,11 @@ class PhysMem:
         """alloc from the top: split the highest free block, again while more are needed."""
         out: list[I64] = []
         remaining = n
-        lists, cache = self.free_lists, self._max_cache
         while remaining:
             best_j, best = -1, -1
             for j in range(order, MAX_ORDER + 1):
-                if lists[j]:
-                    b = cache.get(j)
-                    if b is None:
-                        b = self._highest(j)
-                    b <<= j
+                if self.free_lists[j]:
+                    b = self._highest(j) << j
                     if b > best:
                         best_j, best = j, b
             self.free_lists[best_j].remove(best >> best_j)

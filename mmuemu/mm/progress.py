@@ -21,9 +21,7 @@ def checkpoint_count(inc: I64 | int, sections: I64, n: int) -> int | None:
     """How many checkpoints, when every item adds the same ``inc`` (else None)."""
     if not isinstance(inc, int):
         return None
-    k = -(-RESCHED_PROGRESS // inc)  # a check every k items
-    lens = np.diff(sections, append=n)
-    return int(np.maximum(0, (lens - 1) // k).sum())
+    return int(LazyCheckpoints(inc, sections, n).section_counts().sum())
 
 
 class LazyCheckpoints:

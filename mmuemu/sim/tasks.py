@@ -123,10 +123,9 @@ class Task:
         sim, sched, env = self.sim, self.sim.sched, self.sim.env
         for act in _unrolled(prog):
             try:
-                kind = type(act)  # the two commonest actions first, inline
-                if kind is Run:
+                if isinstance(act, Run):  # the two commonest actions first, inline
                     yield from sim.busy(self, round(act.ns * 1000), "user", "run")
-                elif kind is Sleep:  # the CPU goes to the next task; back in the queue on wakeup
+                elif isinstance(act, Sleep):  # the CPU goes to the next task; back in the queue on wakeup
                     sched.release(self)
                     yield env.timeout(round(act.ns * 1000))
                     turn = sched.request(self, woken=True)
@@ -152,8 +151,6 @@ class Task:
         elif isinstance(act, Exit):
             yield from self._exit()
             raise _Exited
-        elif isinstance(act, Run | Sleep | Loop):  # (subclasses of the kinds run inline)
-            yield from self._program((act,))
         else:  # pragma: no cover (check_program rejects these)
             raise TypeError(act)
 
@@ -265,7 +262,7 @@ class Task:
 def _unrolled(prog: tuple[Any, ...]) -> Generator[Any, None, None]:
     """The actions of a program in the order they run, loops unrolled as they are reached."""
     for act in prog:
-        if type(act) is Loop:
+        if isinstance(act, Loop):
             for _ in range(act.times):
                 yield from _unrolled(act.body)
         else:
