@@ -78,6 +78,7 @@ SPECIAL = _b(56)
 DEVMAP = _b(57)
 PROT_NONE = _b(58)  # only when !VALID
 TABLE_PXN = _b(59)  # PXNTable, in table descriptors only
+_TABLE_BITS, _ADDR_BITS = int(TYPE_PAGE | TABLE_PXN), int(ADDR_MASK)  # as Python ints
 ONE = _s(1)
 S7, S44, S48, S51, S55 = _s(7), _s(44), _s(48), _s(51), _s(55)
 
@@ -293,6 +294,12 @@ class Arm64(Arch):
 
     def table_pfn(self, entry: U64) -> I64:
         return ((np.asarray(entry, dtype=np.uint64) & ADDR_MASK) >> _s(12)).astype(np.int64)
+
+    def mk_table_of(self, pfn: int) -> int:
+        return ((pfn << 12) & _ADDR_BITS) | _TABLE_BITS
+
+    def table_pfn_of(self, entry: int) -> int:
+        return (entry & _ADDR_BITS) >> 12
 
     def pmd_leaf(self, pmd: U64) -> NDArray[np.bool_]:
         """Mirrors: arch/arm64/include/asm/pgtable.h pmd_leaf (present and not a table)."""

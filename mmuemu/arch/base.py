@@ -216,6 +216,14 @@ class Arch:
     def table_pfn(self, entry: U64) -> I64:
         raise NotImplementedError
 
+    def mk_table_of(self, pfn: int) -> int:
+        """:meth:`mk_table` of one table, as a Python int (walks touch one table a level)."""
+        return int(self.mk_table(np.array([pfn], dtype=np.int64))[0])
+
+    def table_pfn_of(self, entry: int) -> int:
+        """:meth:`table_pfn` of one entry, as a Python int."""
+        return int(self.table_pfn(np.array([entry], dtype=np.uint64))[0])
+
     def pmd_leaf(self, pmd: U64) -> NDArray[np.bool_]:
         """Mirrors: pmd_leaf / pmd_trans_huge: the entry maps a huge page itself."""
         raise NotImplementedError

@@ -41,6 +41,7 @@ SAVED_DIRTY = _b(58)  # SOFTW5
 NX = _b(63)
 PFN_MASK = np.uint64(((1 << 52) - 1) & ~0xFFF)
 PAGE_TABLE = PRESENT | RW | USER | ACCESSED | DIRTY
+_TABLE_BITS, _PFN_BITS = int(PAGE_TABLE), int(PFN_MASK)  # as Python ints, for single entries
 #: the bits pte_modify keeps (_PAGE_CHG_MASK: PFN, caching, special, A, D, SavedDirty, ...)
 CHG_MASK = PFN_MASK | PCD | PWT | SPECIAL | ACCESSED | DIRTY | SAVED_DIRTY | SOFT_DIRTY | UFFD_WP
 ZERO = np.uint64(0)
@@ -217,6 +218,12 @@ class X86_64(Arch):
 
     def table_pfn(self, entry: U64) -> I64:
         return ((np.asarray(entry, dtype=np.uint64) & PFN_MASK) >> np.uint64(12)).astype(np.int64)
+
+    def mk_table_of(self, pfn: int) -> int:
+        return (pfn << 12) | _TABLE_BITS
+
+    def table_pfn_of(self, entry: int) -> int:
+        return (entry & _PFN_BITS) >> 12
 
     def pmd_leaf(self, pmd: U64) -> NDArray[np.bool_]:
         return ((pmd & PSE) != 0) & ((pmd & (PRESENT | PROTNONE)) != 0)

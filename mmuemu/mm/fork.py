@@ -154,10 +154,14 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     want = copy_slot.copy()
     want[thp] = True
     child_rows: list[tuple[int, int]] = []
-    cslots = _child_slots(k, child, va[want], child_rows)
+    wva = va[want]
+    cslots = _child_slots(k, child, wva, child_rows)
     fresh = np.zeros(len(va), bool)
     cflat_all = np.full(len(va), -1, np.int64)
-    cflat_all[want] = cslots.flat[np.searchsorted(cslots.va, va[want])]
+    if len(cslots.va) == len(wva):  # every slot in between is wanted: no search
+        cflat_all[want] = cslots.flat
+    else:
+        cflat_all[want] = cslots.flat[np.searchsorted(cslots.va, wva)]
     crow = np.full(len(va), -1, np.int64)
     sel = np.flatnonzero(copy_slot)
     if len(sel):
@@ -254,7 +258,11 @@ def _child_slots(k: Kernel, child: Mm, va: I64, new_rows: list[tuple[int, int]])
     a = k.arch
     if not len(va):
         return PmdSlots(np.zeros(0, np.int64), np.zeros(0, np.int64))
-    pud = va >> a.level_shift(1)
+    shift = a.level_shift(1)
+    lo, hi = int(va[0]), int(va[-1])  # (sorted)
+    if lo >> shift == hi >> shift:  # one PMD table's worth: one walk
+        return k.pt.pmd_slots(child.pgd_row, lo, hi + (1 << a.pmd_shift), alloc=True, new_rows=new_rows)
+    pud = va >> shift
     out_va, out_flat = [], []
     for g in np.unique(pud).tolist():
         v = va[pud == g]

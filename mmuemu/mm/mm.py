@@ -59,7 +59,7 @@ class Kernel:
 
     def new_mm(self) -> Mm:
         """Mirrors: mm_alloc / pgd_alloc."""
-        row = int(self.pt.alloc(1, 0)[0])
+        row = self.pt.alloc_one(0)
         mm = Mm(pgd_row=row)
         self.mms[mm.id] = mm
         return mm

@@ -93,18 +93,12 @@ class PageTables:
         """
         if n <= 0:
             return np.zeros(0, dtype=np.int64)
+        if n == 1:  # one table (the upper levels of a walk)
+            return np.array([self.alloc_one(level)], dtype=np.int64)
         pfns = self.phys.new_folios(0, n, F_PGTABLE, top=True)
         if self.nr_free_rows < n:
             self._grow(n - self.nr_free_rows)
         top = self.nr_free_rows
-        if n == 1:  # one table (the upper levels of a walk): scalar writes
-            row, pfn = int(self.free_rows[top - 1]), int(pfns[0])
-            self.nr_free_rows = top - 1
-            self.rows_touched = max(self.rows_touched, row + 1)
-            self.row_pfn[row] = pfn
-            self.row_level[row] = level
-            self.pfn_row[pfn] = row + 1
-            return np.array([row], dtype=np.int64)
         rows = self.free_rows[top - n : top][::-1].copy()  # as n pops
         self.nr_free_rows = top - n
         # free rows are all zero (a table is freed empty), so nothing to clear
@@ -113,6 +107,21 @@ class PageTables:
         self.row_level[rows] = level
         self.pfn_row[pfns] = rows + 1
         return rows
+
+    def alloc_one(self, level: int) -> int:
+        """:meth:`alloc` of one table, in plain Python: its row."""
+        pfn = self.phys.new_page_top(F_PGTABLE)
+        if not self.nr_free_rows:
+            self._grow(1)
+        top = self.nr_free_rows - 1
+        row = int(self.free_rows[top])
+        self.nr_free_rows = top
+        if row >= self.rows_touched:
+            self.rows_touched = row + 1
+        self.row_pfn[row] = pfn
+        self.row_level[row] = level
+        self.pfn_row[pfn] = row + 1
+        return row
 
     def free(self, rows: I64) -> None:
         """Mirrors: pte_free / pmd_free: give table pages back (they must be empty)."""
@@ -160,22 +169,24 @@ class PageTables:
                     continue
                 plo = max(lo, ui << s_pud)
                 phi = min(hi, (ui + 1) << s_pud)
-                idx = np.arange((plo >> s_pmd) & mask, (((phi - 1) >> s_pmd) & mask) + 1, dtype=np.int64)
-                vas.append((np.int64(ui) << s_pud) + (idx << s_pmd))
-                flats.append(pmd_row * a.ptrs_per_table + idx)
-        if not vas:
-            return PmdSlots(np.zeros(0, np.int64), np.zeros(0, np.int64))
+                i0, i1 = (plo >> s_pmd) & mask, (((phi - 1) >> s_pmd) & mask) + 1
+                vas.append(np.arange((ui << s_pud) + (i0 << s_pmd), (ui << s_pud) + (i1 << s_pmd), 1 << s_pmd,
+                                     dtype=np.int64))
+                base = pmd_row * a.ptrs_per_table
+                flats.append(np.arange(base + i0, base + i1, dtype=np.int64))
+        if len(vas) < 2:
+            return PmdSlots(vas[0], flats[0]) if vas else PmdSlots(np.zeros(0, np.int64), np.zeros(0, np.int64))
         return PmdSlots(np.concatenate(vas), np.concatenate(flats))
 
     def _child(self, row: int, index: int, level: int, alloc: bool,
                new_rows: list[tuple[int, int]] | None) -> int:
-        entry = self.entries[row, index : index + 1]
-        if entry[0]:
-            return int(self.pfn_row[self.arch.table_pfn(entry)[0]]) - 1
+        entry = int(self.entries[row, index])
+        if entry:
+            return int(self.pfn_row[self.arch.table_pfn_of(entry)]) - 1
         if not alloc:
             return -1
-        new = int(self.alloc(1, level)[0])
-        self.entries[row, index : index + 1] = self.arch.mk_table(self.row_pfn[new : new + 1])
+        new = self.alloc_one(level)
+        self.entries[row, index] = self.arch.mk_table_of(int(self.row_pfn[new]))
         if new_rows is not None:
             new_rows.append((row * self.arch.ptrs_per_table + index, new))
         return new
@@ -192,6 +203,9 @@ class PageTables:
         if len(missing):
             rows = self.alloc(len(missing), 3)
             flat = self.flat
+            if len(missing) == len(pmd_flat):  # all new (a fork's child): no need to look again
+                flat[pmd_flat] = self.arch.mk_table(self.row_pfn[rows])
+                return rows
             flat[pmd_flat[missing]] = self.arch.mk_table(self.row_pfn[rows])
             pmd = flat[pmd_flat]
         leaf = self.arch.pmd_leaf(pmd)

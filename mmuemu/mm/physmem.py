@@ -161,6 +161,20 @@ class PhysMem:
             return self.nr_free
         return sum(len(self.free_lists[j]) << (j - order) for j in range(order, MAX_ORDER + 1))
 
+    def _check_alloc(self, order: int, n: int) -> None:
+        """Raise OutOfMemory if ``n`` blocks of ``order`` cannot be had (or a failure is
+        injected here)."""
+        if self.fail_countdown is not None:
+            if self.fail_countdown == 0:
+                self.fail_countdown = None
+                raise OutOfMemory(f"injected allocation failure (order {order}, {n} blocks)")
+            self.fail_countdown -= 1
+        if (self.nr_free if order == 0 else self.available(order)) < n:
+            raise OutOfMemory(
+                f"out of memory: need {n} blocks of order {order}, "
+                f"{self.nr_free} pages free (largest orders exhausted)"
+            )
+
     def alloc(self, order: int, n: int = 1, top: bool = False) -> I64:
         """Allocate ``n`` blocks of ``order`` (lowest orders first, splitting larger blocks).
 
@@ -171,16 +185,7 @@ class PhysMem:
         """
         if n <= 0:
             return np.zeros(0, dtype=np.int64)
-        if self.fail_countdown is not None:
-            if self.fail_countdown == 0:
-                self.fail_countdown = None
-                raise OutOfMemory(f"injected allocation failure (order {order}, {n} blocks)")
-            self.fail_countdown -= 1
-        if self.available(order) < n:
-            raise OutOfMemory(
-                f"out of memory: need {n} blocks of order {order}, "
-                f"{self.nr_free} pages free (largest orders exhausted)"
-            )
+        self._check_alloc(order, n)
         if top:
             return self._alloc_top(order, n)
         if n >= _BULK:
@@ -248,30 +253,54 @@ class PhysMem:
             self._max_cache[order] = b
         return b
 
+    def _top_block(self, order: int) -> tuple[int, int]:
+        """The highest free block of ``order`` or above: (its order, its start PFN)."""
+        lists, cache = self.free_lists, self._max_cache
+        best_j, best = -1, -1
+        for j in range(order, MAX_ORDER + 1):
+            if lists[j]:
+                b = cache.get(j)
+                if b is None:
+                    b = self._highest(j)
+                if b << j > best:
+                    best_j, best = j, b << j
+        return best_j, best
+
+    def _take_top(self, order: int, n: int) -> tuple[int, int]:
+        """Take the highest free block and split off the top ``n`` blocks of ``order`` at
+        most (the rest goes back): (first PFN taken, blocks taken)."""
+        best_j, best = self._top_block(order)
+        self.free_lists[best_j].remove(best >> best_j)
+        self._max_cache.pop(best_j, None)
+        if best_j < MAX_ORDER:
+            self.free_order[best] = 0
+        self.nr_free -= 1 << best_j
+        per = 1 << (best_j - order)
+        take = min(per, n)
+        lo = best + ((per - take) << order)
+        if take < per:  # the rest of the block goes back
+            self._add_free_range(best, lo)
+        return lo, take
+
     def _alloc_top(self, order: int, n: int) -> I64:
         """alloc from the top: split the highest free block, again while more are needed."""
         out: list[I64] = []
         remaining = n
         while remaining:
-            best_j, best = -1, -1
-            for j in range(order, MAX_ORDER + 1):
-                if self.free_lists[j]:
-                    b = self._highest(j) << j
-                    if b > best:
-                        best_j, best = j, b
-            self.free_lists[best_j].remove(best >> best_j)
-            self._max_cache.pop(best_j, None)
-            if best_j < MAX_ORDER:
-                self.free_order[best] = 0
-            self.nr_free -= 1 << best_j
-            per = 1 << (best_j - order)
-            take = min(per, remaining)
-            lo = best + ((per - take) << order)
-            out.append(np.arange(lo, best + (1 << best_j), 1 << order, dtype=np.int64))
-            if take < per:  # the rest of the block goes back
-                self._add_free_range(best, lo)
+            lo, take = self._take_top(order, remaining)
+            out.append(np.arange(lo, lo + (take << order), 1 << order, dtype=np.int64))
             remaining -= take
         return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def new_page_top(self, flags: np.uint8 | int) -> int:
+        """One order-0 page from the top with refcount 1: ``new_folios(0, 1, flags, top=True)``
+        in plain Python (page tables of a walk come one at a time)."""
+        self._check_alloc(0, 1)
+        pfn, _ = self._take_top(0, 1)
+        self.head[pfn] = pfn
+        self.refcount[pfn] = 1
+        self.flags[pfn] = F_ALLOC | flags
+        return pfn
 
     def free_blocks(self, starts: I64, order: int) -> None:
         """Return blocks of ``order`` to the buddy lists, merging with free buddies.
