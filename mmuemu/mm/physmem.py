@@ -125,9 +125,8 @@ class PhysMem:
     def _add_free_range(self, lo: int, hi: int) -> None:
         """Free [lo, hi) as maximal naturally aligned blocks."""
         while lo < hi:
-            order = MAX_ORDER
-            while order and (lo & ((1 << order) - 1) or lo + (1 << order) > hi):
-                order -= 1
+            # the largest order that lo is aligned to and that fits below hi
+            order = min(MAX_ORDER, (lo & -lo).bit_length() - 1 if lo else MAX_ORDER, (hi - lo).bit_length() - 1)
             self._add_block(lo, order)
             lo += 1 << order
 
@@ -266,10 +265,11 @@ class PhysMem:
                     best_j, best = j, b << j
         return best_j, best
 
-    def _take_top(self, order: int, n: int) -> tuple[int, int]:
-        """Take the highest free block and split off the top ``n`` blocks of ``order`` at
-        most (the rest goes back): (first PFN taken, blocks taken)."""
-        best_j, best = self._top_block(order)
+    def _take_top(self, order: int, n: int, block: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Take the highest free block (or ``block``, as (order, start PFN)) and split off
+        its top ``n`` blocks of ``order`` at most; the rest goes back.  Returns (first PFN
+        taken, blocks taken)."""
+        best_j, best = block or self._top_block(order)
         self.free_lists[best_j].remove(best >> best_j)
         self._max_cache.pop(best_j, None)
         if best_j < MAX_ORDER:
@@ -283,13 +283,23 @@ class PhysMem:
         return lo, take
 
     def _alloc_top(self, order: int, n: int) -> I64:
-        """alloc from the top: split the highest free block, again while more are needed."""
+        """alloc from the top: split the highest free block, again while more are needed.
+        Only the list a block was taken from changes until the last split, so each order's
+        highest block is looked up once and then only for that list."""
+        tops = {j: self._highest(j) << j for j in range(order, MAX_ORDER + 1) if self.free_lists[j]}
         out: list[I64] = []
         remaining = n
         while remaining:
-            lo, take = self._take_top(order, remaining)
+            j = max(tops, key=tops.__getitem__)
+            lo, take = self._take_top(order, remaining, (j, tops[j]))
             out.append(np.arange(lo, lo + (take << order), 1 << order, dtype=np.int64))
             remaining -= take
+            if not remaining:
+                break
+            if self.free_lists[j]:
+                tops[j] = self._highest(j) << j
+            else:
+                del tops[j]
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def new_page_top(self, flags: np.uint8 | int) -> int:
