@@ -94,7 +94,7 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
         if maybe_pinned is not None:
             # a batch holding an exclusive page of a maybe-pinned folio fails; every entry
             # up to its last exclusive page then goes alone
-            bstart = np.flatnonzero(~cont)
+            bstart = (~cont).nonzero()[0]
             bend = np.append(bstart[1:], m)
             pin_b = maybe_pinned[bstart] & np.logical_or.reduceat(ae, bstart) & ((bend - bstart) > 1)
             if pin_b.any():
@@ -107,7 +107,7 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
                 fail_reads[idx] = np.repeat(bend[pin_b], re_ - rs) - idx
                 cont[idx] = False
                 cont[re_[re_ < m]] = False
-        starts: I64 | None = np.flatnonzero(~cont)
+        starts: I64 | None = (~cont).nonzero()[0]
         batched_path = large[starts] & normal[starts]
         if region is not None:
             batched_path &= ~region[starts]  # after the failed attempt they go alone
@@ -205,7 +205,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         dup = i_norm | at(e.special)
         if is_copy is not None:
             dup &= ~is_copy
-        di = np.flatnonzero(dup)
+        di = dup.nonzero()[0]
         d_start = di if starts is None else starts[di]
         d_nr = np.ones(len(di), np.int64) if nr is None else nr[di]
         # "dense": the items cover every entry, in order: per-entry arrays are used as they are
@@ -305,7 +305,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
             if not elementwise:
                 pte = a.pte_wrprotect(pte)
         else:
-            wi = np.flatnonzero(write)
+            wi = write.nonzero()[0]
             a.wrprotect_ptes(parent, flat, flat_index(p_sel, d_start[wi]), d_nr[wi], ops, di[wi])
             if not elementwise:
                 pte = np.where(write, a.pte_wrprotect(pte), pte)
@@ -329,7 +329,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
 
     # ---- pinned exclusive pages: copy_present_page into the preallocated pages
     if is_copy is not None and is_copy.any():
-        ci = np.flatnonzero(is_copy)
+        ci = is_copy.nonzero()[0]
         ce = at(np.arange(m))[ci]
         ph.token[copy_pages] = ph.token[e.pfn[ce]]
         ph.mapcount[copy_pages] = 1
@@ -346,7 +346,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         ops.add("folio_ref_ops", 2, ci)  # folio_get + folio_put of the failed dup
     if eagain is not None and eagain.any():
         assert is_copy is not None
-        ei = np.flatnonzero(eagain)
+        ei = eagain.nonzero()[0]
         ops.add("prealloc_retries", 1, ei)
         ops.add("folio_allocs", 1, ei)
         ops.add("folios_freed", 1, ei[~is_copy[ei]])  # the unused prealloc
@@ -370,7 +370,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         more_loads = loads - 1
         ops.add("pte_reads", more_loads if starts is None else np.add.reduceat(more_loads, starts), ALL)
     if batched_path is not None and batched_path.any():
-        bi = np.flatnonzero(batched_path)
+        bi = batched_path.nonzero()[0]
         b_nr = np.ones(len(bi), np.int64) if nr is None else nr[bi]
         ops.add("pte_reads", b_nr - 1, bi)
         # folio_pte_batch also reads the entry that ends a batch, unless the table ended
@@ -380,7 +380,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         stop_reads = more.astype(np.int64) if loads is None else np.where(more, loads[np.minimum(stop, m - 1)], 0)
         ops.add("pte_reads", stop_reads, bi)
         ops.add("fork_batched_ptes", b_nr, bi)
-    present_items = di if is_copy is None else np.flatnonzero(dup | is_copy)
+    present_items = di if is_copy is None else (dup | is_copy).nonzero()[0]
     ops.add("fork_batches", 1, ALL if every else present_items)
     n_present = len(present_items)
     if n_present == n_items and (mode == "legacy" or nr is None):
@@ -393,7 +393,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     sec = at(e.new_table)
     if eagain is not None:
         sec = sec | eagain
-    sec_start = np.flatnonzero(sec)
+    sec_start = sec.nonzero()[0]
     count = checkpoint_count(inc, sec_start, n_items)
     if count is None:
         cps = checkpoints(inc, sec_start, n_items)
@@ -408,7 +408,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     ops.add("copy_pte_range", 1, sec_start)
     # pte_alloc_map_lock: one per table this fork allocates (often every section's first item)
     every_table_fresh = eagain is None and bool(fresh.all()) and len(fresh) == len(sec_start)
-    ops.add("pgtable_allocs", 1, sec_start if every_table_fresh else np.flatnonzero(at(e.new_table))[fresh])
+    ops.add("pgtable_allocs", 1, sec_start if every_table_fresh else at(e.new_table).nonzero()[0][fresh])
     # each section holds the parent's table lock (src_ptl) and the child's (dst_ptl)
     if isinstance(c_sel, Rows) and isinstance(p_sel, Rows) and dense and singles:  # whole tables
         lock_ids = np.stack([p_sel.rows, c_sel.rows], axis=1)

@@ -28,6 +28,7 @@ from mmuemu.errors import InvalidArgument, OutOfMemory
 from mmuemu.mm.copy_pte import plan_ptes
 from mmuemu.mm.huge_memory import split_huge_pmds
 from mmuemu.mm.mm import MM_ANONPAGES, Kernel, Mm
+from mmuemu.mm.pagetable import PmdSlots
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED
 from mmuemu.mm.vma import AnonVma, Vma, VmFlag
 from mmuemu.mm.work import Ops, Work
@@ -137,7 +138,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
         return copy
 
     # ---- PMD leaves: copy_huge_pmd (anon only), pinned exclusive ones are split instead
-    thp = np.flatnonzero(leaf)
+    thp = leaf.nonzero()[0]
     split = np.zeros(0, np.int64)
     if len(thp):
         heads = a.pte_pfn(a.pmd_to_pte(pmd[thp]))
@@ -163,7 +164,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     else:
         cflat_all[want] = cslots.flat[np.searchsorted(cslots.va, wva)]
     crow = np.full(len(va), -1, np.int64)
-    sel = np.flatnonzero(copy_slot)
+    sel = copy_slot.nonzero()[0]
     if len(sel):
         fresh[sel] = pt.flat[cflat_all[sel]] == 0  # tables this fork allocates
         crow[sel] = pt.pte_alloc(cflat_all[sel])
@@ -182,7 +183,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     hi = np.minimum(va + (n << 12), src.end)
     cnt = np.where(copy_slot, (hi - lo) >> 12, 0)
     first = (lo - va) >> 12
-    slots_ = np.flatnonzero(cnt > 0)
+    slots_ = (cnt > 0).nonzero()[0]
     chunks = [slots_[i : i + CHUNK_SLOTS] for i in range(0, len(slots_), CHUNK_SLOTS)]
     is_split = np.zeros(len(va), bool)
     is_split[split] = True
@@ -251,10 +252,8 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     return copy
 
 
-def _child_slots(k: Kernel, child: Mm, va: I64, new_rows: list[tuple[int, int]]) -> Any:
+def _child_slots(k: Kernel, child: Mm, va: I64, new_rows: list[tuple[int, int]]) -> PmdSlots:
     """Child PMD entries for these slots, allocating upper tables per 1 GiB group."""
-    from mmuemu.mm.pagetable import PmdSlots
-
     a = k.arch
     if not len(va):
         return PmdSlots(np.zeros(0, np.int64), np.zeros(0, np.int64))

@@ -199,7 +199,7 @@ class PageTables:
         """
         flat = self.flat
         pmd = flat[pmd_flat]
-        missing = np.flatnonzero(pmd == 0)
+        missing = (pmd == 0).nonzero()[0]
         if len(missing):
             rows = self.alloc(len(missing), 3)
             flat = self.flat

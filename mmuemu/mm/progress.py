@@ -50,7 +50,10 @@ class LazyCheckpoints:
         """How many checkpoints each section has (``lens``: the section lengths, if known)."""
         k = -(-RESCHED_PROGRESS // self.inc)
         if lens is None:
-            lens = np.diff(np.append(self.sections, self.n))
+            s = self.sections
+            lens = np.empty(len(s), np.int64)
+            lens[:-1] = s[1:] - s[:-1]
+            lens[-1:] = self.n - s[-1:]
         return np.maximum(0, (lens - 1) // k)
 
 

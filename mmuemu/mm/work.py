@@ -59,7 +59,7 @@ class Ops:
             total = int(count)  # type: ignore[call-overload]
             if items is _ALL:
                 total *= self.n_items
-            elif items is not None and not np.isscalar(items):
+            elif items is not None and not isinstance(items, int | np.integer):
                 total *= len(items)  # type: ignore[arg-type]
         if total == 0:
             return

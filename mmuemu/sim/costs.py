@@ -46,17 +46,23 @@ class CostModel:
     #: the timing runner's machine parameters (TLB geometry and latencies, IPI and context
     #: switch costs): the ``[sim]`` table of the file
     sim: Mapping[str, float] = field(converter=_freeze, factory=dict)
+    #: ``ns`` in picoseconds, rounded once
+    _ps: Mapping[str, int] = field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_ps", {k: round(v * 1000) for k, v in self.ns.items()})
 
     def param(self, name: str, default: float) -> float:
         """A ``[sim]`` parameter, or ``default``."""
         return float(self.sim.get(name, default))
 
     def ps(self, name: str) -> int:
-        return round(self.ns.get(name, 0.0) * 1000)
+        return self._ps.get(name, 0)
 
     def total_ps(self, totals: Mapping[str, int]) -> int:
         """The cost of these operation counts, in picoseconds."""
-        return sum(self.ps(name) * int(c) for name, c in totals.items() if name in self.ns)
+        ps = self._ps
+        return sum(ps[name] * int(c) for name, c in totals.items() if name in ps)
 
     def item_ps(self, ops: Ops) -> NDArray[np.int64]:
         """The cost of every item of ``ops``, in picoseconds."""
