@@ -130,6 +130,40 @@ def test_check_catches_a_stale_highest_block_cache() -> None:
         m.check()
 
 
+def test_max_order_bitmap_follows_the_list_and_finds_the_highest() -> None:
+    """The bitmap of free MAX_ORDER blocks changes with every way blocks join or leave the
+    list (bulk and single allocations from both ends, frees that merge up to MAX_ORDER), the
+    highest block read from it is the list's maximum, and check() notices a wrong bit."""
+    from mmuemu.mm.physmem import MAX_ORDER
+
+    m = mmuemu.Machine(memory="256MiB")
+    ph = m.kernel.phys
+
+    def agrees() -> None:
+        listed = sorted(ph.free_lists[MAX_ORDER])
+        assert ph.max_free.nonzero()[0].tolist() == listed
+        ph._max_cache.pop(MAX_ORDER, None)
+        assert ph._highest(MAX_ORDER) == max(listed)
+
+    agrees()
+    low = ph.alloc(MAX_ORDER, 3)  # from the bottom, whole blocks
+    top = ph.alloc(0, 5, top=True)  # splits the highest block
+    agrees()
+    one = ph.new_page_top(0)
+    agrees()
+    bulk = ph.alloc(0, 3000)  # the low bulk path
+    agrees()
+    ph.ref_sub_and_free(np.array([one]), 1)  # a page-table page's way back
+    agrees()
+    for blocks, order in ((bulk, 0), (top, 0), (low, MAX_ORDER)):
+        ph.free_blocks(blocks, order)
+        agrees()
+    m.check()
+    ph.max_free[ph.max_free.nonzero()[0][0]] = False
+    with pytest.raises(mmuemu.InvariantError, match="bitmap of free order-10 blocks"):
+        m.check()
+
+
 def _free_pages(ph: PhysMem) -> set[int]:
     return {p for j, blocks in enumerate(ph.free_lists) for b in blocks for p in range(b << j, (b + 1) << j)}
 

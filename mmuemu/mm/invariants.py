@@ -238,6 +238,8 @@ def _check_buddy(k: Kernel) -> None:
                 raise InvariantError(f"buddy: a free block of order {order} overlaps an allocated folio")
             if (ph.token[pages] != 0).any():
                 raise InvariantError(f"buddy: a free block of order {order} holds page contents")
+        if order == MAX_ORDER and not np.array_equal(ph.max_free.nonzero()[0], np.sort(blocks >> order)):
+            raise InvariantError(f"buddy: the bitmap of free order-{order} blocks differs from their list")
         cached = ph.highest_cached(order)
         if cached is not None and (not len(blocks) or cached != int(blocks.max()) >> order):
             raise InvariantError(f"buddy: the cached highest free block of order {order} is stale")

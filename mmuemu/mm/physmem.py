@@ -78,6 +78,9 @@ class PhysMem:
     free_lists: list[set[int]] = field(init=False)
     #: highest block number per order, while its free list is unchanged
     _max_cache: dict[int, int] = field(init=False, factory=dict)
+    #: the MAX_ORDER free list as a bitmap by block number: its highest block is found by a
+    #: numpy scan instead of comparing hundreds of Python ints after each one taken
+    max_free: NDArray[np.bool_] = field(init=False)
     nr_free: int = field(init=False, default=0)
     #: allocation-failure injection: number of allocation calls left before one fails
     fail_countdown: int | None = field(init=False, default=None)
@@ -99,6 +102,7 @@ class PhysMem:
         self.flags = np.zeros(n, dtype=np.uint8)
         self.free_order = np.zeros(n, dtype=np.uint8)
         self.free_lists = [set() for _ in range(MAX_ORDER + 1)]
+        self.max_free = np.zeros((n >> MAX_ORDER) + 1, dtype=bool)
         self.flags[ZERO_PFN] = F_ALLOC | F_RESERVED
         self.refcount[ZERO_PFN] = 1
         self._add_free_range(ZERO_PFN + 1, n)
@@ -120,6 +124,8 @@ class PhysMem:
         self._cache_add(order, start >> order)
         if order < MAX_ORDER:
             self.free_order[start] = order + 1
+        else:
+            self.max_free[start >> MAX_ORDER] = True
         self.nr_free += 1 << order
 
     def _add_free_range(self, lo: int, hi: int) -> None:
@@ -148,6 +154,8 @@ class PhysMem:
         arr.sort()
         if len(arr):
             self._cache_remove(order, int(arr[-1]))
+        if order == MAX_ORDER:
+            self.max_free[arr] = False
         arr <<= order
         if order < MAX_ORDER:
             self.free_order[arr] = 0
@@ -230,6 +238,8 @@ class PhysMem:
             gone = start[orders == j] >> j
             self.free_lists[j].difference_update(gone.tolist())
             self._cache_remove(j, int(gone.max()))
+            if j == MAX_ORDER:
+                self.max_free[gone] = False
         self.free_order[start[orders < MAX_ORDER]] = 0
         self.nr_free -= int((np.int64(1) << orders).sum())
         spare = int(cum[k - 1]) - n
@@ -248,7 +258,10 @@ class PhysMem:
         """The highest free block number of ``order`` (cached until the list changes)."""
         b = self._max_cache.get(order)
         if b is None:
-            b = max(self.free_lists[order])
+            if order == MAX_ORDER:  # (the list is not empty)
+                b = len(self.max_free) - 1 - int(self.max_free[::-1].argmax())
+            else:
+                b = max(self.free_lists[order])
             self._max_cache[order] = b
         return b
 
@@ -274,6 +287,8 @@ class PhysMem:
         self._max_cache.pop(best_j, None)
         if best_j < MAX_ORDER:
             self.free_order[best] = 0
+        else:
+            self.max_free[best >> MAX_ORDER] = False
         self.nr_free -= 1 << best_j
         per = 1 << (best_j - order)
         take = min(per, n)
@@ -365,6 +380,8 @@ class PhysMem:
             self._cache_add(order, int(starts.max()) >> order)
             if order < MAX_ORDER:
                 self.free_order[starts] = order + 1
+            else:
+                self.max_free[starts >> order] = True
             self.nr_free += len(starts) << order
 
     # ------------------------------------------------------------------ folios
