@@ -183,9 +183,15 @@ def test_bulk_top_allocation_takes_what_single_steps_take(seed: int) -> None:
     order = int(rng.choice([0, 2, 4]))
     n = int(rng.integers(2, 60))
     single = copy.deepcopy(ph)
+    pages = copy.deepcopy(ph)
     bulk = ph.alloc(order, n, top=True)
     steps = np.concatenate([single.alloc(order, 1, top=True) for _ in range(n)])
     assert sorted(bulk.tolist()) == sorted(steps.tolist())
+    # page-table pages one at a time take what a bulk order-0 alloc from the top takes
+    zero = copy.deepcopy(pages)
+    want = zero.alloc(0, n, top=True)
+    assert sorted(pages.new_page_top(0) for _ in range(n)) == sorted(want.tolist())
+    assert _free_pages(pages) == _free_pages(zero)
     assert ph.nr_free == single.nr_free
     assert _free_pages(ph) == _free_pages(single)
     for j in range(MAX_ORDER):
@@ -194,3 +200,4 @@ def test_bulk_top_allocation_takes_what_single_steps_take(seed: int) -> None:
     for j in range(MAX_ORDER + 1):
         cached = ph.highest_cached(j)
         assert cached is None or cached == max(ph.free_lists[j])
+    assert ph.max_free.nonzero()[0].tolist() == sorted(ph.free_lists[MAX_ORDER])
