@@ -175,3 +175,21 @@ def test_run_until_stops_early_or_when_done() -> None:
     res = sim.run(until_ns=250_000)
     assert res.end_ns == 250_000 and res.task("t")["done_ns"] is None
 
+
+
+def test_programs_unroll_in_order_flat_or_lazily() -> None:
+    """A short program is unrolled into one tuple, a long one lazily; both give the actions
+    in the order nested loops run them."""
+    from mmuemu.sim.tasks import FLAT_ACTIONS, _flat, _unrolled, _unrolling
+
+    a, b, c, d = (mmuemu.Run(ns=i + 1) for i in range(4))
+    prog = (a, mmuemu.Loop([b, mmuemu.Loop([c], times=2)], times=3), d)
+    expect = [a, b, c, c, b, c, c, b, c, c, d]
+    assert list(_unrolled(prog)) == list(_flat(prog)) == list(_unrolling(prog)) == expect
+    assert isinstance(_unrolled(prog), tuple)
+    huge = (mmuemu.Loop([b, c], times=10**12), d)  # too long to list: unrolled as it runs
+    lazy = _unrolled(huge)
+    assert not isinstance(lazy, tuple)
+    assert list(itertools.islice(lazy, 5)) == [b, c, b, c, b]
+    edge = (mmuemu.Loop([b], times=FLAT_ACTIONS),)
+    assert isinstance(_unrolled(edge), tuple) and not isinstance(_unrolled((*edge, d)), tuple)

@@ -9,7 +9,7 @@ meanwhile waits for both.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -259,8 +259,33 @@ class Task:
             sim.release_rwsem(self, sem)
 
 
-def _unrolled(prog: tuple[Any, ...]) -> Generator[Any, None, None]:
-    """The actions of a program in the order they run, loops unrolled as they are reached."""
+#: programs of at most this many actions (loops counted out) are unrolled into one tuple
+FLAT_ACTIONS = 4096
+
+
+def _unrolled(prog: tuple[Any, ...]) -> Iterable[Any]:
+    """The actions of a program in the order they run: a tuple when the program is short,
+    else a generator that unrolls loops as they are reached."""
+    if _length(prog) <= FLAT_ACTIONS:
+        return _flat(prog)
+    return _unrolling(prog)
+
+
+def _length(prog: tuple[Any, ...]) -> int:
+    return sum(act.times * _length(act.body) if isinstance(act, Loop) else 1 for act in prog)
+
+
+def _flat(prog: tuple[Any, ...]) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for act in prog:
+        if isinstance(act, Loop):
+            out.extend(_flat(act.body) * act.times)
+        else:
+            out.append(act)
+    return tuple(out)
+
+
+def _unrolling(prog: tuple[Any, ...]) -> Generator[Any, None, None]:
     for act in prog:
         if isinstance(act, Loop):
             for _ in range(act.times):
