@@ -288,8 +288,10 @@ def _flat(prog: tuple[Any, ...]) -> tuple[Any, ...]:
 def _unrolling(prog: tuple[Any, ...]) -> Generator[Any, None, None]:
     for act in prog:
         if isinstance(act, Loop):
+            short = _length(act.body) <= FLAT_ACTIONS
+            body = _flat(act.body) if short else ()  # unrolled once for every pass
             for _ in range(act.times):
-                yield from _unrolled(act.body)
+                yield from body if short else _unrolling(act.body)
         else:
             yield act
 
