@@ -293,7 +293,7 @@ class Arm64(Arch):
         return oa | TYPE_PAGE | TABLE_PXN  # type: ignore[no-any-return]
 
     def table_pfn(self, entry: U64) -> I64:
-        return ((np.asarray(entry, dtype=np.uint64) & ADDR_MASK) >> _s(12)).astype(np.int64)
+        return ((np.asarray(entry, dtype=np.uint64) & ADDR_MASK) >> _s(12)).view(np.int64)
 
     def mk_table_of(self, pfn: int) -> int:
         return ((pfn << 12) & _ADDR_BITS) | _TABLE_BITS

@@ -217,7 +217,7 @@ class X86_64(Arch):
         return (np.asarray(pfn, dtype=np.uint64) << np.uint64(12)) | PAGE_TABLE
 
     def table_pfn(self, entry: U64) -> I64:
-        return ((np.asarray(entry, dtype=np.uint64) & PFN_MASK) >> np.uint64(12)).astype(np.int64)
+        return ((np.asarray(entry, dtype=np.uint64) & PFN_MASK) >> np.uint64(12)).view(np.int64)
 
     def mk_table_of(self, pfn: int) -> int:
         return (pfn << 12) | _TABLE_BITS

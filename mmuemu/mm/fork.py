@@ -42,6 +42,8 @@ FORK_MODES = ("batched", "legacy")
 CHUNK_SLOTS = 128
 I64 = NDArray[np.int64]
 B = NDArray[np.bool_]
+_NONE = np.zeros(0, np.int64)
+_NONE.flags.writeable = False  # (shared: never written)
 
 
 def vma_needs_copy(dst: Vma, src: Vma) -> bool:
@@ -125,22 +127,30 @@ class _VmaCopy:
 
 
 def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -> _VmaCopy:
-    """Mirrors: copy_page_range for one VMA (planning and allocation only)."""
+    """Mirrors: copy_page_range for one VMA (planning and allocation only).
+
+    Each numpy call here runs once per VMA on arrays of one entry per 2 MiB, so it costs its
+    call overhead (on this host, 5-25 us when its code has gone cold since the last fork)
+    whatever the VMA's size; the usual case, PTE tables only, skips every mask it can."""
     a, pt, ph = k.arch, k.pt, k.phys
     n = a.ptrs_per_table
     slots = pt.pmd_slots(parent.pgd_row, src.start, src.end)
-    pmd = pt.flat[slots.flat]
-    live = pmd != 0
-    va, pflat, pmd = slots.va[live], slots.flat[live], pmd[live]
-    leaf = a.pmd_leaf(pmd)
-    copy = _VmaCopy(src, dst, [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+    va, pflat = slots.va, slots.flat
+    pmd = pt.flat[pflat]
+    if not pmd.all():
+        live = pmd != 0
+        va, pflat, pmd = va[live], pflat[live], pmd[live]
+    copy = _VmaCopy(src, dst, [], _NONE, _NONE)
     if not len(va):
         return copy
+    leaf = a.pmd_leaf(pmd)
+    tables_only = not leaf.any()  # the usual case: every slot is a PTE table, all copied
 
     # ---- PMD leaves: copy_huge_pmd (anon only), pinned exclusive ones are split instead
-    thp = leaf.nonzero()[0]
-    split = np.zeros(0, np.int64)
-    if len(thp):
+    thp = split = _NONE
+    copy_slot: B | None = None  # slots whose PTEs are copied (None: all)
+    if not tables_only:
+        thp = leaf.nonzero()[0]
         heads = a.pte_pfn(a.pmd_to_pte(pmd[thp]))
         if not src.is_anonymous:
             thp = thp[:0]  # file THPs are refilled by faults
@@ -148,63 +158,93 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
         pinned = parent.has_pinned & (ph.pincount[heads] > 0) & ph.anon_exclusive[heads]
         split = thp[pinned]
         thp = thp[~pinned]
+        copy_slot = ~leaf
+        copy_slot[split] = True
 
     # ---- child tables for every slot we copy
-    copy_slot = ~leaf
-    copy_slot[split] = True
-    want = copy_slot.copy()
-    want[thp] = True
     child_rows: list[tuple[int, int]] = []
-    wva = va[want]
-    cslots = _child_slots(k, child, wva, child_rows)
-    fresh = np.zeros(len(va), bool)
-    cflat_all = np.full(len(va), -1, np.int64)
-    if len(cslots.va) == len(wva):  # every slot in between is wanted: no search
-        cflat_all[want] = cslots.flat
+    if copy_slot is None:
+        cslots = _child_slots(k, child, va, child_rows)
+        cflat_all = cslots.flat  # (a new child: its slots are exactly these)
+        if len(cslots.va) != len(va):
+            cflat_all = cslots.flat[np.searchsorted(cslots.va, va)]
+        fresh = pt.flat[cflat_all] == 0  # tables this fork allocates
+        crow = pt.pte_alloc(cflat_all)
     else:
-        cflat_all[want] = cslots.flat[np.searchsorted(cslots.va, wva)]
-    crow = np.full(len(va), -1, np.int64)
-    sel = copy_slot.nonzero()[0]
-    if len(sel):
-        fresh[sel] = pt.flat[cflat_all[sel]] == 0  # tables this fork allocates
-        crow[sel] = pt.pte_alloc(cflat_all[sel])
+        want = copy_slot.copy()
+        want[thp] = True
+        wva = va[want]
+        cslots = _child_slots(k, child, wva, child_rows)
+        fresh = np.zeros(len(va), bool)
+        cflat_all = np.full(len(va), -1, np.int64)
+        if len(cslots.va) == len(wva):  # every slot in between is wanted: no search
+            cflat_all[want] = cslots.flat
+        else:
+            cflat_all[want] = cslots.flat[np.searchsorted(cslots.va, wva)]
+        crow = np.full(len(va), -1, np.int64)
+        sel = copy_slot.nonzero()[0]
+        if len(sel):
+            fresh[sel] = pt.flat[cflat_all[sel]] == 0
+            crow[sel] = pt.pte_alloc(cflat_all[sel])
 
     # deposit tables for copied THPs (pte_alloc_one in copy_huge_pmd)
     if len(thp):
         copy.deposit_rows = pt.alloc(len(thp), 3)
 
     # ---- PTE level, CHUNK_SLOTS tables at a time so temporaries stay bounded
-    prow = np.full(len(va), -1, np.int64)
-    normal_tab = copy_slot & ~leaf
-    prow[normal_tab] = pt.rows_of(pmd[normal_tab])
-    if len(split):
-        prow[split] = [parent.deposit[int(f)] for f in pflat[split]]
-    lo = np.maximum(va, src.start)
-    hi = np.minimum(va + (n << 12), src.end)
-    cnt = np.where(copy_slot, (hi - lo) >> 12, 0)
-    first = (lo - va) >> 12
-    slots_ = (cnt > 0).nonzero()[0]
-    chunks = [slots_[i : i + CHUNK_SLOTS] for i in range(0, len(slots_), CHUNK_SLOTS)]
-    is_split = np.zeros(len(va), bool)
-    is_split[split] = True
+    if copy_slot is None:
+        prow = pt.rows_of(pmd)
+    else:
+        prow = np.full(len(va), -1, np.int64)
+        normal_tab = copy_slot & ~leaf
+        prow[normal_tab] = pt.rows_of(pmd[normal_tab])  # (not of leaves: no table there)
+        if len(split):
+            prow[split] = [parent.deposit[int(f)] for f in pflat[split]]
+    # entries per slot and the first one: only the first and last slot can be partial
+    head = max(src.start - int(va[0]), 0) >> 12
+    tail = max(int(va[-1]) + (n << 12) - src.end, 0) >> 12
+    cnt = np.full(len(va), n, np.int64)
+    first = np.zeros(len(va), np.int64)
+    first[0] = head
+    cnt[0] -= head
+    cnt[-1] -= tail
+    if copy_slot is None:
+        # whole tables, except maybe the first and last: slices, so chunks index by views
+        m = len(va)
+        chunks: list[I64 | slice] = [slice(i, min(i + CHUNK_SLOTS, m)) for i in range(0, m, CHUNK_SLOTS)]
+        partial = {j for j, part in ((0, head), (m - 1, tail)) if part}
+        whole = [not any(c.start <= j < c.stop for j in partial) for c in chunks]  # type: ignore[union-attr]
+        is_split = None
+    else:
+        cnt[~copy_slot] = 0
+        slots_ = (cnt > 0).nonzero()[0]
+        chunks = [slots_[i : i + CHUNK_SLOTS] for i in range(0, len(slots_), CHUNK_SLOTS)]
+        whole = [bool((cnt[c] == n).all()) for c in chunks]
+        is_split = np.zeros(len(va), bool)
+        is_split[split] = True
 
-    def entries(chunk: I64, virtual: bool) -> tuple[I64 | Rows, I64 | Rows, NDArray[np.uint64], B, B | None]:
-        """Parent and child flat indices, parent values and table starts of a chunk; with
-        ``virtual``, tables still to be split are read as the split would fill them."""
-        c_cnt, c_prow, c_crow, c_first = cnt[chunk], prow[chunk], crow[chunk], first[chunk]
-        if (c_cnt == n).all():  # whole tables: gather rows, not entries
+    def entries(ci: int, virtual: bool) -> tuple[I64 | Rows, I64 | Rows, NDArray[np.uint64], B, B | None]:
+        """Parent and child flat indices, parent values and table starts of chunk ``ci``;
+        with ``virtual``, tables still to be split are read as the split would fill them."""
+        chunk = chunks[ci]
+        c_prow, c_crow = prow[chunk], crow[chunk]
+        if whole[ci]:  # whole tables: gather rows, not entries
             pidx: I64 | Rows = Rows(c_prow, n)
             cidx: I64 | Rows = Rows(c_crow, n)
             vals = pt.entries[c_prow].ravel()
+            starts = np.zeros((len(c_prow), n), bool)
+            starts[:, 0] = True
+            new_table: B = starts.ravel()
         else:
+            c_cnt, c_first = cnt[chunk], first[chunk]
             pidx, off = expand_runs(c_prow * n + c_first, c_cnt)
             cidx = np.repeat(c_crow * n + c_first, c_cnt) + off
             vals = pt.flat[pidx]
-        new_table = np.zeros(len(vals), bool)
-        new_table[np.cumsum(c_cnt) - c_cnt] = True
+            new_table = np.zeros(len(vals), bool)
+            new_table[np.cumsum(c_cnt) - c_cnt] = True
         ae_virtual = None
-        if virtual and is_split[chunk].any():
-            tab = np.repeat(chunk, c_cnt)
+        if virtual and is_split is not None and is_split[chunk].any():
+            tab = np.repeat(chunk, cnt[chunk])  # type: ignore[arg-type]  # (an array here)
             sp = is_split[tab]
             base = a.pmd_to_pte(pmd[tab[sp]])
             vals[sp] = a.pte_advance_pfn(base, flat_index(pidx)[sp] % n)
@@ -215,8 +255,8 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     # pinned exclusive pages are copied at fork: count them first to allocate their copies
     n_copies = [0] * len(chunks)
     if parent.has_pinned:
-        for ci, chunk in enumerate(chunks):
-            _, _, vals, new_table, ae_virtual = entries(chunk, virtual=True)
+        for ci in range(len(chunks)):
+            _, _, vals, new_table, ae_virtual = entries(ci, virtual=True)
             n_copies[ci] = plan_ptes(k, parent, src, dst, mode, vals, new_table, ae_virtual).n_copy
     if sum(n_copies):
         try:
@@ -235,8 +275,8 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
         if len(thp):
             _copy_huge_pmds(k, child, dst, pflat[thp], cflat_all[thp], copy.deposit_rows, copy.works)
         done = 0
-        for chunk, n_copy in zip(chunks, n_copies, strict=True):
-            pidx, cidx, vals, new_table, _ = entries(chunk, virtual=False)
+        for ci, (chunk, n_copy) in enumerate(zip(chunks, n_copies, strict=True)):
+            pidx, cidx, vals, new_table, _ = entries(ci, virtual=False)
             plan = plan_ptes(k, parent, src, dst, mode, vals, new_table, None)
             assert plan.n_copy == n_copy, "pinned-page count changed between plan and commit"
             plan.commit(k, parent, child, pidx, cidx, copy.copy_pages[done : done + n_copy], copy.works,

@@ -137,9 +137,11 @@ class PageTables:
         self.phys.ref_sub_and_free(pfns, 1)
 
     def rows_of(self, entry: NDArray[np.uint64]) -> I64:
-        """The rows of the tables that upper-level entries point to (-1 for none)."""
-        rows = self.pfn_row[self.arch.table_pfn(entry)].astype(np.int64) - 1
-        return np.where(entry == 0, -1, rows)
+        """The rows of the tables that upper-level entries point to (-1 for none).
+
+        An empty entry reads PFN 0, the zero page, which is never a table: -1 with no test.
+        """
+        return np.subtract(self.pfn_row[self.arch.table_pfn(entry)], 1, dtype=np.int64)
 
     # ------------------------------------------------------------ walks
     def pmd_slots(self, pgd_row: int, start: int, end: int, alloc: bool = False,

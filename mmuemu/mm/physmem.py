@@ -302,14 +302,15 @@ class PhysMem:
     def _alloc_top(self, order: int, n: int) -> I64:
         """alloc from the top: split the highest free block, again while more are needed.
         Only the list a block was taken from changes until the last split, so each order's
-        highest block is looked up once and then only for that list."""
+        highest block is looked up once and then only for that list.  The blocks come back in
+        address order: usually one run, made by one numpy call."""
         tops = {j: self._highest(j) << j for j in range(order, MAX_ORDER + 1) if self.free_lists[j]}
-        out: list[I64] = []
+        pieces: list[tuple[int, int]] = []  # (first PFN, blocks), highest first
         remaining = n
         while remaining:
             j = max(tops, key=tops.__getitem__)
             lo, take = self._take_top(order, remaining, (j, tops[j]))
-            out.append(np.arange(lo, lo + (take << order), 1 << order, dtype=np.int64))
+            pieces.append((lo, take))
             remaining -= take
             if not remaining:
                 break
@@ -317,7 +318,11 @@ class PhysMem:
                 tops[j] = self._highest(j) << j
             else:
                 del tops[j]
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        step = 1 << order
+        lo, hi = pieces[-1][0], pieces[0][0] + (pieces[0][1] << order)
+        if hi - lo == n << order:  # the pieces are one run (split remainders of one block)
+            return np.arange(lo, hi, step, dtype=np.int64)
+        return np.concatenate([np.arange(p, p + (t << order), step, dtype=np.int64) for p, t in reversed(pieces)])
 
     def new_page_top(self, flags: np.uint8 | int) -> int:
         """One order-0 page from the top with refcount 1: ``new_folios(0, 1, flags, top=True)``
