@@ -169,7 +169,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
         if len(cslots.va) != len(va):
             cflat_all = cslots.flat[np.searchsorted(cslots.va, va)]
         fresh = pt.flat[cflat_all] == 0  # tables this fork allocates
-        crow = pt.pte_alloc(cflat_all)
+        crow = pt.pte_alloc(cflat_all, fresh)
     else:
         want = copy_slot.copy()
         want[thp] = True

@@ -193,15 +193,16 @@ class PageTables:
             new_rows.append((row * self.arch.ptrs_per_table + index, new))
         return new
 
-    def pte_alloc(self, pmd_flat: I64) -> I64:
+    def pte_alloc(self, pmd_flat: I64, empty: NDArray[np.bool_] | None = None) -> I64:
         """Make sure each PMD entry points at a PTE table; return the tables' rows.
 
         Mirrors: pte_alloc (one allocation per missing table, done here in one call).
-        PMD leaves are not touched (their row is -1).
+        PMD leaves are not touched (their row is -1).  ``empty``, when the caller has it,
+        says which entries are empty now.
         """
-        flat = self.flat
-        pmd = flat[pmd_flat]
-        missing = (pmd == 0).nonzero()[0]
+        if empty is None:
+            empty = self.flat[pmd_flat] == 0
+        missing = empty.nonzero()[0]
         if len(missing):
             rows = self.alloc(len(missing), 3)
             flat = self.flat
@@ -209,7 +210,7 @@ class PageTables:
                 flat[pmd_flat] = self.arch.mk_table(self.row_pfn[rows])
                 return rows
             flat[pmd_flat[missing]] = self.arch.mk_table(self.row_pfn[rows])
-            pmd = flat[pmd_flat]
+        pmd = self.flat[pmd_flat]
         leaf = self.arch.pmd_leaf(pmd)
         return np.where(leaf, -1, self.rows_of(pmd))
 
