@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-from attrs import define, field, frozen
+from attrs import define, frozen
 from numpy.typing import NDArray
 
 __all__ = ["ALL", "Break", "Ops", "TlbFlush", "Work"]
@@ -119,8 +119,14 @@ class TlbFlush:
     end: int | None = None
 
 
-def _empty() -> NDArray[np.int64]:
-    return np.zeros(0, dtype=np.int64)
+def _frozen(a: NDArray[np.int64]) -> NDArray[np.int64]:
+    a.flags.writeable = False
+    return a
+
+
+#: the defaults every Work shares (read-only): one section from item 0, no locks, no checkpoints
+_ONE_SECTION = _frozen(np.zeros(1, dtype=np.int64))
+_NONE = _frozen(np.zeros(0, dtype=np.int64))
 
 
 @define
@@ -137,10 +143,10 @@ class Work:
 
     path: str
     ops: Ops
-    sections: NDArray[np.int64] = field(factory=lambda: np.zeros(1, dtype=np.int64))
+    sections: NDArray[np.int64] = _ONE_SECTION
     locks: tuple[str, ...] = ()
-    lock_ids: NDArray[np.int64] = field(factory=_empty)
-    _checkpoints: NDArray[np.int64] | Callable[[], NDArray[np.int64]] = field(factory=_empty)
+    lock_ids: NDArray[np.int64] = _NONE
+    _checkpoints: NDArray[np.int64] | Callable[[], NDArray[np.int64]] = _NONE
     #: each section ends with a cond_resched() (copy_pte_range does, once per table pass)
     cond_resched: bool = False
 
