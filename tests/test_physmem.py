@@ -168,10 +168,11 @@ def _free_pages(ph: PhysMem) -> set[int]:
     return {p for j, blocks in enumerate(ph.free_lists) for b in blocks for p in range(b << j, (b + 1) << j)}
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_bulk_top_allocation_takes_what_single_steps_take(seed: int) -> None:
-    """A bulk alloc from the top takes the same pages as that many single allocs from the
-    top, on fragmented memory, and leaves the buddy lists consistent."""
+@pytest.mark.parametrize("seed", range(8))
+def test_bulk_top_allocation_takes_the_top_of_the_highest_block_that_fits(seed: int) -> None:
+    """A bulk alloc from the top takes the top of the highest free block that holds it all
+    (best fit from the top); when no block is that big, the pages that many single allocs
+    from the top take.  On fragmented memory, leaving the buddy lists consistent."""
     import copy
 
     rng = np.random.default_rng(seed)
@@ -181,19 +182,30 @@ def test_bulk_top_allocation_takes_what_single_steps_take(seed: int) -> None:
     for i in rng.permutation(len(held))[:20]:  # free most of them again, out of order
         ph.free_blocks(held[i][1], held[i][0])
     order = int(rng.choice([0, 2, 4]))
-    n = int(rng.integers(2, 60))
+    n = int(rng.integers(2, 60)) if seed % 4 else 300 >> order << 2  # (some too big to fit)
+    fit = order + (n - 1).bit_length()
+    holders = [(b << j, j) for j in range(fit, MAX_ORDER + 1) for b in ph.free_lists[j]]
     single = copy.deepcopy(ph)
     pages = copy.deepcopy(ph)
+    before = _free_pages(ph)
     bulk = ph.alloc(order, n, top=True)
-    steps = np.concatenate([single.alloc(order, 1, top=True) for _ in range(n)])
-    assert sorted(bulk.tolist()) == sorted(steps.tolist())
-    # page-table pages one at a time take what a bulk order-0 alloc from the top takes
+    if seed % 4:  # small requests: a block holds them
+        assert holders
+        start, j = max(holders)
+        end = start + (1 << j)
+        assert bulk.tolist() == list(range(end - (n << order), end, 1 << order))
+    else:  # too big for any block: piece by piece from the top
+        assert not holders
+        steps = np.concatenate([single.alloc(order, 1, top=True) for _ in range(n)])
+        assert sorted(bulk.tolist()) == sorted(steps.tolist())
+    taken = {int(p) + i for p in bulk for i in range(1 << order)}
+    assert taken <= before and _free_pages(ph) == before - taken
+    assert ph.nr_free == len(before) - len(taken)
+    # page-table pages one at a time take what single order-0 allocs from the top take
     zero = copy.deepcopy(pages)
-    want = zero.alloc(0, n, top=True)
-    assert sorted(pages.new_page_top(0) for _ in range(n)) == sorted(want.tolist())
+    want = [int(zero.alloc(0, 1, top=True)[0]) for _ in range(n)]
+    assert [pages.new_page_top(0) for _ in range(n)] == want
     assert _free_pages(pages) == _free_pages(zero)
-    assert ph.nr_free == single.nr_free
-    assert _free_pages(ph) == _free_pages(single)
     for j in range(MAX_ORDER):
         marked = set(np.flatnonzero(ph.free_order == j + 1).tolist())
         assert marked == {b << j for b in ph.free_lists[j]}
