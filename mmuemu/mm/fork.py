@@ -130,7 +130,7 @@ def _plan_vma(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str) -
     """Mirrors: copy_page_range for one VMA (planning and allocation only).
 
     Each numpy call here runs once per VMA on arrays of one entry per 2 MiB, so it costs its
-    call overhead (on this host, 5-25 us when its code has gone cold since the last fork)
+    call overhead (on this host, 10-25 us when its code has gone cold since the last fork)
     whatever the VMA's size; the usual case, PTE tables only, skips every mask it can."""
     a, pt, ph = k.arch, k.pt, k.phys
     n = a.ptrs_per_table

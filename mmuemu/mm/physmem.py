@@ -305,7 +305,7 @@ class PhysMem:
         highest free block, again while more are needed.  For one block both are the highest
         free block.  (Page tables come from here, and a fork's child needs its PTE tables in
         bulk right after its upper tables split the top block: taking the highest pages
-        instead took ~10 buddy remainders one by one, about a third of a fork's fixed cost.)
+        instead took ~8 buddy remainders one by one, about a third of a fork's fixed cost.)
 
         The piecewise path: only the list a block was taken from changes until the last
         split, so each order's highest block is looked up once and then only for that list.

@@ -23,8 +23,8 @@ __all__ = ["zap_range"]
 
 I64 = NDArray[np.int64]
 #: PTE tables zapped per Work (as fork copies them): 256 MiB of address space, whose
-#: temporaries stay near fork's, instead of growing with the VMA (a 8 GiB exit's used to
-#: reach the allocator's trim threshold, so the next fork paid ~700 page faults)
+#: temporaries stay near fork's, instead of growing with the VMA (an 8 GiB exit's used to
+#: reach the allocator's trim threshold, so the next fork paid ~670 page faults)
 CHUNK_TABLES = 128
 
 
