@@ -301,25 +301,19 @@ class PhysMem:
 
     def _alloc_top(self, order: int, n: int) -> I64:
         """alloc from the top: the top ``n`` blocks of the highest free block that holds them
-        all (best fit from the top: one split, one run); when no block is that big, split the
-        highest free block, again while more are needed.  For one block both are the highest
-        free block.  (Page tables come from here, and a fork's child needs its PTE tables in
-        bulk right after its upper tables split the top block: taking the highest pages
-        instead took ~8 buddy remainders one by one, about a third of a fork's fixed cost.)
+        all (one split; for one block, the highest free block); when none is that big, split
+        the highest free block, again while more are needed.  (A fork's child takes its PTE
+        tables right after its upper tables split the top block: taking the highest pages
+        instead took ~8 buddy remainders one by one, a third of a fork's fixed cost.)
 
         The piecewise path: only the list a block was taken from changes until the last
         split, so each order's highest block is looked up once and then only for that list.
         The blocks come back in address order: usually one run, made by one numpy call."""
         fit = order + (n - 1).bit_length()  # the least order of a block holding all n
         if fit <= MAX_ORDER:
-            best_j, best = -1, -1
-            for j in range(fit, MAX_ORDER + 1):
-                if self.free_lists[j]:
-                    b = self._highest(j) << j
-                    if b > best:
-                        best_j, best = j, b
-            if best_j >= 0:
-                lo, _ = self._take_top(order, n, (best_j, best))
+            block = self._top_block(fit)
+            if block[0] >= 0:
+                lo, _ = self._take_top(order, n, block)
                 return np.arange(lo, lo + (n << order), 1 << order, dtype=np.int64)
         tops = {j: self._highest(j) << j for j in range(order, MAX_ORDER + 1) if self.free_lists[j]}
         pieces: list[tuple[int, int]] = []  # (first PFN, blocks), highest first
