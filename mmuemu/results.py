@@ -3,6 +3,7 @@ statistics, and the timeline."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,7 @@ class Results:
             row: dict[str, Any] = {"kind": "task", "task": t.name, "cpu": t.cpu,
                                    "done_ns": None if t.done_ps is None else t.done_ps / 1000}
             row.update(t.counts)
-            row["fork_ns_mean"] = float(np.mean(t.fork_ns)) if t.fork_ns else None
+            row["fork_ns_mean"] = math.fsum(t.fork_ns) / len(t.fork_ns) if t.fork_ns else None
             rows.append(row)
         return cls(counters=Counter(sim.stats), latencies=lat,
                    breaks=[(t, p, i, ps / 1000) for t, p, i, ps in sim.breaks], errors=list(sim.errors),

@@ -153,7 +153,7 @@ class Segment:
         t = self.timing
         if isinstance(lazy, LazyCheckpoints) and lazy.sections is self.work.sections:
             # checkpoints every k items: search them with scalar probes
-            lo, hi = int(self.work.sections[s]), int(t.ends[s])
+            lo, hi = int(self.work.sections[s]), t.end_of(s)
             k = -(-RESCHED_PROGRESS // lazy.inc)
             first = 1 if s != self.sec else (self.item - lo) // k + 1
             last = (hi - lo - 1) // k
@@ -312,6 +312,10 @@ def _record_holds(sim: Simulation, seg: Segment, classes: list[str], last: int) 
     whole = (seg.w0 == t.start_of(seg.sec) and not seg.delay and seg.brk is None
              and seg.end - seg.t0 + seg.w0 == t.start_of(last + 1))
     if whole and sim.trace is None:  # whole sections, nothing moved them: their costs
+        if t.section_ps is not None:  # (all alike: kept as one number and a count)
+            for cls in classes:
+                sim.book.holds_alike(cls, seg.work.path, t.section_ps, last + 1 - seg.sec)
+            return
         dur = t.section[seg.sec : last + 1]
         for cls in classes:
             sim.book.holds(cls, seg.work.path, dur)

@@ -45,13 +45,20 @@ class LockBook:
     """Hold and wait durations per (lock class, path)."""
 
     def __init__(self) -> None:
-        self._holds: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
+        self._holds: dict[tuple[str, str], list[np.ndarray | tuple[int, int]]] = defaultdict(list)
         self._waits: dict[tuple[str, str], list[float]] = defaultdict(list)
         self._cut: list[tuple[str, str, np.ndarray, int, int, int, int]] = []
+        self._alike = False  # some holds are kept as (duration, count)
 
     def holds(self, lock: str, path: str, durations_ps: np.ndarray) -> None:
         if len(durations_ps):
             self._holds[(lock, path)].append(np.asarray(durations_ps, dtype=np.int64))
+
+    def holds_alike(self, lock: str, path: str, ps: int, count: int) -> None:
+        """``count`` holds of ``ps`` each (kept as given, listed when the holds are read)."""
+        if count > 0:
+            self._holds[(lock, path)].append((ps, count))
+            self._alike = True
 
     def holds_cut(self, lock: str, path: str, section_ps: np.ndarray, lo: int, hi: int, head_ps: int,
                   tail_ps: int) -> None:
@@ -68,6 +75,10 @@ class LockBook:
             dur[-1] += tail
             self._holds[(lock, path)].append(dur)
         self._cut.clear()
+        if self._alike:
+            for v in self._holds.values():
+                v[:] = [np.full(a[1], a[0], np.int64) if isinstance(a, tuple) else a for a in v]
+            self._alike = False
 
     def wait(self, lock: str, path: str, ps: int) -> None:
         self._waits[(lock, path)].append(ps / 1000)

@@ -30,8 +30,8 @@ class WorkTiming:
     ``starts`` (cumulative, so ``starts[s]`` is when section ``s`` begins and
     ``starts[-1] == total``); :meth:`item_start` gives item positions on demand."""
 
-    __slots__ = ("_const", "_item_cum", "_line", "_other", "_ranged", "costs", "ends", "section",
-                 "section_ps", "starts", "total", "width", "work")
+    __slots__ = ("_const", "_ends", "_item_cum", "_line", "_other", "_ranged", "_section", "_starts", "costs",
+                 "section_ps", "total", "width", "work")
 
     def __init__(self, costs: CostModel | Mapping[str, int], work: Work, extra_ps: dict[str, int] | None = None) -> None:
         if isinstance(costs, CostModel):
@@ -41,17 +41,10 @@ class WorkTiming:
         n = ops.n_items
         sections = work.sections
         n_sec = len(sections)
-        ends = np.empty(n_sec, np.int64)
-        ends[:-1] = sections[1:]
-        ends[-1] = n
-        self.ends = ends
-        # whole tables: every section has the same length (then costs are scalars per section)
-        width = n // n_sec if n % n_sec == 0 else 0
-        uniform = width > 0 and int(sections[-1]) == n - width and int(sections[1 if n_sec > 1 else 0]) == (
-            width if n_sec > 1 else 0)
-        lens = ends - sections
-        if uniform:
-            uniform = bool((lens == width).all())
+        self._ends: I64 | None = None
+        self._section: I64 | None = None
+        self._starts: I64 | None = None
+        width = _uniform_width(sections, n)
         # counts given for every item as one number cost the same per item, and counts
         # given once per section the same per section: sum each kind once
         const = per_section = 0
@@ -70,9 +63,9 @@ class WorkTiming:
                     other.append((p, count, items))
                 else:
                     other.append((p, count, items))
-        scalar = width * const + per_section if uniform else None
+        scalar = width * const + per_section if width else None
         #: the length of every section when they are all alike (else 0)
-        self.width = width if uniform else 0
+        self.width = width
         rest = []
         for p, count, items in other:
             if items is sections and not isinstance(count, np.ndarray):
@@ -82,23 +75,50 @@ class WorkTiming:
                 scalar += p * int(count) * max(0, (width - 1) // k)  # type: ignore[call-overload]
                 continue
             rest.append((p, count, items))
-        sec = np.full(n_sec, scalar, np.int64) if scalar is not None else lens * const + per_section
-        for p, count, items in rest:
-            sec += p * _section_counts(count, items, sections, lens, n)
         self._const, self._other = const, other
         self._ranged: list[tuple[str, Any, Any]] | None = None
-        self.section = sec
-        #: every section's cost when they all cost the same (else None)
+        #: every section's cost when they all cost the same (else None); then the
+        #: per-section arrays are built only if somebody asks for them
         self.section_ps = scalar if not rest else None
         if self.section_ps is not None:
-            starts = np.arange(n_sec + 1, dtype=np.int64) * self.section_ps
+            self.total = n_sec * self.section_ps
         else:
+            lens = self.ends - sections
+            sec = np.full(n_sec, scalar, np.int64) if scalar is not None else lens * const + per_section
+            for p, count, items in rest:
+                sec += p * _section_counts(count, items, sections, lens, n)
+            self._section = sec
             starts = np.zeros(len(sec) + 1, np.int64)
             np.cumsum(sec, out=starts[1:])
-        self.starts = starts
-        self.total = int(starts[-1])
+            self._starts = starts
+            self.total = int(starts[-1])
         self._item_cum: I64 | None = None
         self._line: dict[int, tuple[int, int, int] | None] = {}
+
+    @property
+    def ends(self) -> I64:
+        """Where each section ends (its last item + 1)."""
+        if self._ends is None:
+            sections = self.work.sections
+            ends = np.empty(len(sections), np.int64)
+            ends[:-1] = sections[1:]
+            ends[-1] = self.work.ops.n_items
+            self._ends = ends
+        return self._ends
+
+    @property
+    def section(self) -> I64:
+        """Every section's cost."""
+        if self._section is None:
+            self._section = np.full(len(self.work.sections), self.section_ps, np.int64)
+        return self._section
+
+    @property
+    def starts(self) -> I64:
+        """When each section begins, and the total last."""
+        if self._starts is None:
+            self._starts = np.arange(len(self.work.sections) + 1, dtype=np.int64) * int(self.section_ps or 0)
+        return self._starts
 
     def item_start(self, items: I64) -> I64:
         """When each of these items begins (ps from the start of the Work)."""
@@ -117,7 +137,7 @@ class WorkTiming:
         """Starts of items of section ``s``: the uniform cost times the items before, plus
         each sparse count's items before (a search per count, nothing per item)."""
         lo = int(self.work.sections[s])
-        out = self.starts[s] + self._const * (items - lo)
+        out = self.start_of(s) + self._const * (items - lo)
         for kind, a, b in self._ranged_parts():
             if kind == "first":  # counted at each section's first item
                 out = out + a * (items > lo)
@@ -135,12 +155,12 @@ class WorkTiming:
         """:meth:`item_start` of one item ``x`` of section ``s``, in plain integers (no
         array calls: for searches that probe a few items)."""
         lo = int(self.work.sections[s])
-        out = int(self.starts[s]) + self._const * (x - lo)
+        out = self.start_of(s) + self._const * (x - lo)
         for kind, a, b in self._ranged_parts():
             if kind == "first":
                 out += a if x > lo else 0
             elif kind == "lazy":
-                hi = int(self.ends[s])
+                hi = self.end_of(s)
                 k = -(-RESCHED_PROGRESS // b.inc)  # checkpoints at lo + k, lo + 2k, ... before hi
                 out += a * max(0, min((x - lo - 1) // k, (hi - lo - 1) // k))
             elif kind == "item0":
@@ -183,10 +203,15 @@ class WorkTiming:
         """When section ``s`` begins (``start_of(len)`` is the total), as a plain int."""
         return s * self.section_ps if self.section_ps is not None else int(self.starts[s])
 
+    def end_of(self, s: int) -> int:
+        """Where section ``s`` ends (its last item + 1), as a plain int."""
+        sections = self.work.sections
+        return int(sections[s + 1]) if s + 1 < len(sections) else self.work.ops.n_items
+
     def section_at(self, w: int) -> int:
         """The section running at Work-time ``w`` (-1 before the first, ``len`` after)."""
         if self.section_ps:
-            return max(-1, w // self.section_ps) if w < self.total else len(self.section)
+            return max(-1, w // self.section_ps) if w < self.total else len(self.work.sections)
         return int(np.searchsorted(self.starts, w, side="right")) - 1
 
     def _ranged_parts(self) -> list[tuple[str, Any, Any]]:
@@ -226,8 +251,22 @@ class WorkTiming:
     def section_of(self, item: int) -> int:
         """The section holding ``item``."""
         if self.width:
-            return min(item // self.width, len(self.section) - 1)
+            return min(item // self.width, len(self.work.sections) - 1)
         return int(np.searchsorted(self.work.sections, item, side="right") - 1)
+
+
+def _uniform_width(sections: I64, n: int) -> int:
+    """The number of items of every section, when all sections have the same (else 0):
+    scalar probes first, one vector test only when they all pass."""
+    n_sec = len(sections)
+    if n_sec == 1:
+        return n if int(sections[0]) == 0 else 0
+    width = n // n_sec if n % n_sec == 0 else 0
+    if not width or int(sections[1]) != width or int(sections[-1]) != n - width:
+        return 0
+    if n_sec > 2 and not bool((sections[1:] - sections[:-1] == width).all()):
+        return 0
+    return width
 
 
 def ps_table(costs: CostModel, extra: Mapping[str, int] | None = None) -> dict[str, int]:

@@ -86,7 +86,8 @@ class TlbGeometry:
 @define(eq=False)
 class TlbLevelState:
     """The content of one TLB level: a tag (-1: invalid), a last-use stamp and the writable bit
-    cached at fill time per entry, each of shape (sets, ways); ``clock`` orders the stamps."""
+    cached at fill time per entry, each of shape (sets, ways); ``clock`` orders the stamps
+    (it counts the accesses, so a level whose clock is 0 was never filled)."""
 
     tags: NDArray[np.int64]
     stamp: NDArray[np.int64]
@@ -405,7 +406,7 @@ class Tlb:
 
     def flush_asid(self, asid: int) -> int:
         """Drop every entry of ``asid`` from both levels; return how many were dropped."""
-        return sum(s.drop((s.tags >> TAG_ASID_SHIFT) == asid) for s in (self.state1, self.state2))
+        return sum(s.drop((s.tags >> TAG_ASID_SHIFT) == asid) for s in (self.state1, self.state2) if s.clock)
 
     def flush_range(self, asid: int, start: int, end: int) -> int:
         """Drop the entries of ``asid`` that map any byte of [start, end); return how many."""
@@ -413,6 +414,8 @@ class Tlb:
             return 0
         dropped = 0
         for state in (self.state1, self.state2):
+            if not state.clock:  # never filled
+                continue
             t = state.tags
             code = (t >> TAG_SIZE_SHIFT) & 0xF
             shift = _SHIFT_OF_CODE[code]
@@ -424,7 +427,7 @@ class Tlb:
 
     def flush_all(self) -> int:
         """Drop every entry; return how many were dropped."""
-        return sum(s.drop(s.tags >= 0) for s in (self.state1, self.state2))
+        return sum(s.drop(s.tags >= 0) for s in (self.state1, self.state2) if s.clock)
 
     def __len__(self) -> int:
         return len(self.state1) + len(self.state2)
