@@ -154,6 +154,16 @@ class Simulation:
             ps = act.remaining
             yield from self.sched.preempt(task)
 
+    def busy_rest(self, task: Task, act: Busy, what: str) -> Generator[Any, Any, None]:
+        """Finish :meth:`busy` of an activity that a poke moved or cut while the task
+        waited for its first timeout."""
+        yield from task.wait_activity(act)  # (at once when it was cut to now)
+        if self.trace is not None and act.end > act.start:
+            self.trace.span(task, what, act.start, act.end, "user" if act.mode == "user" else "kernel")
+        if act.preempted:
+            yield from self.sched.preempt(task)
+            yield from self.busy(task, act.remaining, act.mode, what)
+
     def run_segment(self, task: Task, seg: Segment) -> Generator[Any, Any, None]:
         self.segments.append(seg)
         cpu = self.sched.cpus[task.cpu]

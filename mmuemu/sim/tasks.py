@@ -19,7 +19,7 @@ from mmuemu.errors import MmuEmuError
 from mmuemu.mm import fault, fork, mmap
 from mmuemu.mm.work import Ops, Work
 from mmuemu.sim import access
-from mmuemu.sim.kpath import run_path
+from mmuemu.sim.kpath import Busy, run_path
 from mmuemu.sim.program import (
     Access,
     Exit,
@@ -122,10 +122,26 @@ class Task:
     def _program(self, prog: tuple[Any, ...]) -> Gen:
         sim, sched, env = self.sim, self.sim.sched, self.sim.env
         for act in _unrolled(prog):
+            kind = type(act)
             try:
-                if isinstance(act, Run):  # the two commonest actions first, inline
-                    yield from sim.busy(self, round(act.ns * 1000), "user", "run")
-                elif isinstance(act, Sleep):  # the CPU goes to the next task; back in the queue on wakeup
+                if kind is Run:  # the two commonest actions first, inline
+                    ps = round(act.ns * 1000)
+                    if ps <= 0:
+                        continue
+                    busy = Busy(sim, self, ps, "user")
+                    self.activity = busy
+                    try:  # (Simulation.busy and wait_activity, for the usual uninterrupted run)
+                        yield env.timeout(ps)
+                    except simpy.Interrupt:
+                        pass
+                    self.activity = None
+                    if env.now < busy.end or busy.preempted:  # moved or cut: the general path
+                        yield from sim.busy_rest(self, busy, "run")
+                    else:
+                        sim.events += 1
+                        if sim.trace is not None:
+                            sim.trace.span(self, "run", busy.start, busy.end, "user")
+                elif kind is Sleep:  # the CPU goes to the next task; back in the queue on wakeup
                     sched.release(self)
                     yield env.timeout(round(act.ns * 1000))
                     turn = sched.request(self, woken=True)
