@@ -46,6 +46,8 @@ class Busy:
     only under preemptible models, by NEED_RESCHED) or ``"atomic"`` (spinlock held: never).
     """
 
+    __slots__ = ("end", "mode", "planned", "preempted", "sim", "start", "task")
+
     def __init__(self, sim: Simulation, task: Task, ps: int, mode: str) -> None:
         self.sim, self.task, self.mode = sim, task, mode
         self.start = sim.now_ps
@@ -79,6 +81,9 @@ class Busy:
 class Segment:
     """Consecutive lock sections of one Work, from item ``item`` of section ``sec`` up to
     (not including) section ``stop``, as one timed activity."""
+
+    __slots__ = ("brk", "brk_w", "delay", "end", "item", "resched", "sec", "sim", "stop", "t0", "task", "timing",
+                 "w0", "work")
 
     def __init__(self, sim: Simulation, task: Task, work: Work, timing: WorkTiming, sec: int,
                  item: int, stop: int, w0: int | None = None, lead: int = 0) -> None:

@@ -107,8 +107,8 @@ class Scheduler:
     def request(self, task: Task, woken: bool = False) -> simpy.Event | None:
         """:meth:`acquire` as one call: None when ``task`` runs at once, else the event
         of its turn."""
-        cpu = self.pick_cpu(task)
-        task.woken_at = self.now if woken else None
+        cpu = self.cpus[task.pin] if task.pin is not None else self.pick_cpu(task)
+        task.woken_at = self.env.now if woken else None
         if cpu.current is None and not cpu.rq:
             self._run(cpu, task)
             return None
@@ -157,7 +157,7 @@ class Scheduler:
             nxt.turn.succeed()
 
     def _run(self, cpu: Cpu, task: Task) -> None:
-        now = self.now
+        now = self.env.now
         cpu.current = task
         cpu.slice_start = now
         task.cpu = cpu.index
