@@ -108,7 +108,7 @@ class Scheduler:
         """:meth:`acquire` as one call: None when ``task`` runs at once, else the event
         of its turn."""
         cpu = self.cpus[task.pin] if task.pin is not None else self.pick_cpu(task)
-        task.woken_at = self.env.now if woken else None
+        task.woken_at = self.env.now if woken else None  # type: ignore[assignment]  # (integer ps)
         if cpu.current is None and not cpu.rq:
             self._run(cpu, task)
             return None
@@ -157,7 +157,7 @@ class Scheduler:
             nxt.turn.succeed()
 
     def _run(self, cpu: Cpu, task: Task) -> None:
-        now = self.env.now
+        now: int = self.env.now  # type: ignore[assignment]  # (SimPy's clock holds integer ps)
         cpu.current = task
         cpu.slice_start = now
         task.cpu = cpu.index
