@@ -193,3 +193,54 @@ def test_programs_unroll_in_order_flat_or_lazily() -> None:
     assert list(itertools.islice(lazy, 5)) == [b, c, b, c, b]
     edge = (mmuemu.Loop([b], times=FLAT_ACTIONS),)
     assert isinstance(_unrolled(edge), tuple) and not isinstance(_unrolled((*edge, d)), tuple)
+
+
+# ---------------------------------------------------------------- pokes: re-armed timeouts or SimPy interrupts
+def _contended(kind: str) -> mmuemu.Results:
+    m = mmuemu.Machine(memory="1GiB")
+    p = m.spawn(name="p")
+    a = p.mmap(64 * MiB, align=2 * MiB)
+    p.populate(a, 64 * MiB)
+    if kind == "corunner":  # wakeups on the forking CPU: lock breaks, preemption, ticks
+        sim = m.simulation(preempt="none")
+        q = m.spawn(name="co")
+        sim.add_task(q, [x for i in range(30) for x in (mmuemu.Sleep(ns=20_000 + 1_777 * i), mmuemu.Run(ns=3_000))],
+                     cpu=0, name="co")
+        sim.add_task(p, [mmuemu.Fork(child="stay")], cpu=0, name="forker")
+    elif kind == "walker":  # a spinning waiter under PREEMPT_FULL: needbreak
+        p.fork().exit()  # (the first fork costs more: it clears AnonExclusive)
+        with m.measure() as t:
+            c = p.fork()
+        c.exit()
+        sim = m.simulation(preempt="full")
+        sim.add_task(p, [mmuemu.Fork(child="stay")], cpu=0, name="forker")
+        sim.add_task(None, [mmuemu.RmapWalk(p, a + 9 * 2 * MiB + 5 * 4096, hold_ns=2_000)], cpu=1, name="kswapd",
+                     start_ns=t.ns / 32 * 9.3)  # (30% into table 9's copy)
+    else:  # threads of the parent running during its fork: shootdown IPIs move their activities
+        sim = m.simulation(preempt="lazy", hz=1000)
+        for c in (1, 2):
+            sim.add_task(p, [mmuemu.Run(ns=400_000), mmuemu.Access(a, 8 * MiB, pattern="random", writes=0.5,
+                                                                    count=300, seed=c)], cpu=c, name=f"t{c}")
+        sim.add_task(p, [mmuemu.Sleep(ns=10_000), mmuemu.Fork(child="stay")], cpu=0, name="forker")
+    res = sim.run()
+    m.check()
+    return res
+
+
+@pytest.mark.parametrize("kind", ["corunner", "walker", "threads"])
+def test_pokes_rearm_timeouts_as_interrupts_would(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poke that moves a running activity's end re-arms its process's wait on a new
+    timeout (SimPy's own interrupt, minus its event and exception); the run must come out
+    exactly as with Process.interrupt."""
+    from mmuemu.sim import tasks
+
+    assert tasks.retarget_ok()  # (this SimPy keeps its process state as expected)
+    fast = _contended(kind)
+    monkeypatch.setattr(tasks, "RETARGET", False)
+    slow = _contended(kind)
+    assert fast.counters == slow.counters
+    assert fast.breaks == slow.breaks and fast.latencies == slow.latencies
+    assert fast.end_ns == slow.end_ns and fast.records == slow.records
+    assert np.array_equal(fast.hold_times_ns("ptl"), slow.hold_times_ns("ptl"))
+    moved = {"corunner": "lock_breaks", "walker": "lock_breaks", "threads": "ipis_received"}[kind]
+    assert fast.counters[moved] > 0  # (the scenario does poke)

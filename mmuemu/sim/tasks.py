@@ -9,6 +9,7 @@ meanwhile waits for both.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,26 @@ if TYPE_CHECKING:
 __all__ = ["Task"]
 
 Gen = Generator[Any, Any, Any]
+
+
+#: re-arm a poked activity's timeout without interrupting its process (see :func:`retarget_ok`)
+RETARGET = True
+
+
+@functools.cache
+def retarget_ok() -> bool:
+    """Whether this SimPy keeps a waiting process's state as 4.x does (``_target``, the event
+    it waits for, whose callbacks hold ``_resume``), so that a poke can move the wait to a new
+    timeout instead of interrupting it; if not, pokes interrupt."""
+    env = simpy.Environment()
+
+    def probe() -> Gen:
+        yield env.timeout(1)
+
+    proc = env.process(probe())
+    env.step()  # (the process starts and waits)
+    target = getattr(proc, "_target", None)
+    return isinstance(target, simpy.Timeout) and proc._resume in (target.callbacks or ())
 
 
 class _Exited(Exception):
@@ -86,8 +107,18 @@ class Task:
         re-arm its timeout if that moved its end."""
         act = self.activity
         if act is not None and act.on(cause, self.sim.now_ps):
-            assert self.proc is not None
-            self.proc.interrupt(cause)
+            proc = self.proc
+            assert proc is not None
+            if RETARGET and retarget_ok():
+                # what Process.interrupt does inside SimPy, minus the event and the exception:
+                # the process stops waiting for its timeout and waits for one at the new end
+                env = self.sim.env
+                proc._target.callbacks.remove(proc._resume)
+                t = env.timeout(max(0, act.end - env.now))
+                t.callbacks.append(proc._resume)
+                proc._target = t
+            else:
+                proc.interrupt(cause)
 
     def wait_activity(self, act: Any) -> Gen:
         """Run a timed activity to its (possibly moving) end."""
