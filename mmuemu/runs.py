@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Rows", "as_span", "expand_runs", "flat_index"]
+__all__ = ["Rows", "Sel", "as_span", "expand_runs", "flat_index", "sel_clear", "sel_take", "sel_view"]
 
 
 def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -67,9 +67,34 @@ class Rows:
         return (self.rows[:, None] * self.width + np.arange(self.width, dtype=np.int64)[None, :]).ravel()
 
 
-def flat_index(sel: NDArray[np.int64] | Rows, pos: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
-    """Flat indices of a selection given either way (of its entries at ``pos`` only)."""
+#: entries of the flat store, in order: flat indices, whole table rows, or one slice
+Sel = NDArray[np.int64] | Rows | slice
+
+
+def flat_index(sel: Sel, pos: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
+    """Flat indices of a selection given any way (of its entries at ``pos`` only)."""
     if isinstance(sel, Rows):
         return sel.flat() if pos is None else sel.at(pos)
+    if isinstance(sel, slice):
+        return np.arange(sel.start, sel.stop, dtype=np.int64) if pos is None else sel.start + pos
     return sel if pos is None else sel[pos]
 
+
+def sel_view(store: NDArray[np.uint64], sel: Sel) -> NDArray[np.uint64]:
+    """The selected entries, as a view where the selection allows (a slice): read only."""
+    return sel.get(store) if isinstance(sel, Rows) else store[sel]
+
+
+def sel_take(store: NDArray[np.uint64], sel: Sel) -> NDArray[np.uint64]:
+    """A copy of the selected entries (a slice is copied as one block, rows row by row)."""
+    if isinstance(sel, Rows):
+        return sel.get(store)
+    return store[sel].copy() if isinstance(sel, slice) else store[sel]
+
+
+def sel_clear(store: NDArray[np.uint64], sel: Sel) -> None:
+    """Zero the selected entries."""
+    if isinstance(sel, Rows):
+        store.reshape(-1, sel.width)[sel.rows] = 0
+    else:
+        store[sel] = 0

@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from mmuemu.arch.arm64 import ADDR_MASK, CONT, VALID, Arm64
 from mmuemu.arch.base import I64, U64
 from mmuemu.errors import InvalidArgument
-from mmuemu.runs import Rows, expand_runs
+from mmuemu.runs import Rows, Sel, expand_runs, flat_index, sel_view
 
 if TYPE_CHECKING:
     from mmuemu.mm.work import Ops
@@ -77,10 +77,10 @@ def _count(ops: Ops, name: str, per: int, sel: Any, n: int) -> None:
         ops.add(name, per, sel)
 
 
-def _runs(start: I64 | Rows, nr: I64) -> tuple[I64, I64]:
-    """Run starts and lengths as arrays (whole rows: every entry a run of one)."""
-    if isinstance(start, Rows):
-        s = start.flat()
+def _runs(start: I64 | Rows | slice, nr: I64) -> tuple[I64, I64]:
+    """Run starts and lengths as arrays (whole rows or a slice: every entry a run of one)."""
+    if isinstance(start, Rows | slice):
+        s = flat_index(start)
         return s, np.ones(len(s), dtype=np.int64)
     return np.asarray(start, dtype=np.int64), np.asarray(nr, dtype=np.int64)
 
@@ -158,14 +158,15 @@ class Arm64Contpte(Arm64):
                              _item_sel(items, run[first]), fold=False)
 
     def _unfold_runs(self, store: U64, starts: I64, nr: I64, ops: Ops, items: Any,
-                     batched: bool) -> None:
+                     batched: bool, expanded: Sel | None = None) -> None:
         """The unfolds before a batch operation over runs: with the batch APIs, nr == 1
         runs unfold their block and longer runs only their partially covered edge blocks
-        (contpte_try_unfold_partial); without, every entry is an nr == 1 call."""
+        (contpte_try_unfold_partial); without, every entry is an nr == 1 call
+        (``expanded``: the runs' entries, when the caller has them)."""
         if not len(starts):
             return
         if not batched:
-            flat, _ = expand_runs(starts, nr)
+            flat = flat_index(expanded) if expanded is not None else expand_runs(starts, nr)[0]
             run = np.repeat(np.arange(len(nr), dtype=np.int64), nr)
             self._unfold(store, flat, run, ops, items)
             return
@@ -173,12 +174,28 @@ class Arm64Contpte(Arm64):
         ends = starts + nr
         head = ((starts & _MASK) != 0) | (nr < CONT_PTES)  # nr == 1 included
         tail = (nr > 1) & ((ends & _MASK) != 0)
+        if not tail.any():  # only run heads: already in call order
+            self._unfold(store, starts[head], runs[head], ops, items)
+            return
         flat = np.concatenate([starts[head], ends[tail] - 1])
         run = np.concatenate([runs[head], runs[tail]])
         order = np.argsort(2 * run + np.concatenate([np.zeros(int(head.sum()), np.int64),
                                                      np.ones(int(tail.sum()), np.int64)]),
                            kind="stable")
         self._unfold(store, flat[order], run[order], ops, items)
+
+    def _unfold_for_clear(self, store: U64, start: I64 | Rows | slice, nr: I64, ops: Ops, items: Any,
+                          expanded: Sel | None) -> None:
+        """Mirrors: the unfolds of contpte.c contpte_get_and_clear_full_ptes /
+        contpte_clear_full_ptes (whole rows or a slice: every entry is an nr == 1 run, which
+        unfolds a CONT entry's block; read once, and only then searched)."""
+        if isinstance(start, Rows | slice):
+            if bool((sel_view(store, start) & CONT).any()):
+                flat = flat_index(start)
+                self._unfold(store, flat, np.arange(len(flat), dtype=np.int64), ops, items)
+            return
+        starts, nrs = _runs(start, nr)
+        self._unfold_runs(store, starts, nrs, ops, items, self.contpte_batch_apis, expanded)
 
     def _try_fold(self, store: U64, flat: I64, pte: U64, ops: Ops, sel: Any) -> None:
         """Mirrors: contpte_try_fold / __contpte_try_fold after a set_ptes of nr == 1 at
@@ -305,22 +322,20 @@ class Arm64Contpte(Arm64):
         self.wrprotect_ptes(mm, store, idx, np.ones(len(idx), dtype=np.int64), ops, items)
 
     # ------------------------------------------------------------ clears
-    def get_and_clear_full_ptes(self, mm: Any, store: U64, start: I64, nr: I64, full: bool,
-                                ops: Ops, items: Any = None) -> U64:
+    def get_and_clear_full_ptes(self, mm: Any, store: U64, start: I64 | Rows | slice, nr: I64, full: bool,
+                                ops: Ops, items: Any = None, expanded: Sel | None = None) -> U64:
         """Mirrors: arch/arm64/include/asm/pgtable.h get_and_clear_full_ptes and contpte.c
         contpte_get_and_clear_full_ptes: nr == 1 unfolds, nr > 1 unfolds partially covered
         edge blocks; then one xchg per entry, dirty and young ORed into the result."""
-        starts, nrs = _runs(start, nr)
-        self._unfold_runs(store, starts, nrs, ops, items, self.contpte_batch_apis)
-        return super().get_and_clear_full_ptes(mm, store, start, nr, full, ops, items)
+        self._unfold_for_clear(store, start, nr, ops, items, expanded)
+        return super().get_and_clear_full_ptes(mm, store, start, nr, full, ops, items, expanded)
 
-    def clear_full_ptes(self, mm: Any, store: U64, start: I64, nr: I64, full: bool, ops: Ops,
-                        items: Any = None) -> None:
+    def clear_full_ptes(self, mm: Any, store: U64, start: I64 | Rows | slice, nr: I64, full: bool, ops: Ops,
+                        items: Any = None, expanded: Sel | None = None) -> None:
         """Mirrors: arch/arm64/include/asm/pgtable.h clear_full_ptes and contpte.c
         contpte_clear_full_ptes (unfolds as get_and_clear_full_ptes)."""
-        starts, nrs = _runs(start, nr)
-        self._unfold_runs(store, starts, nrs, ops, items, self.contpte_batch_apis)
-        super().clear_full_ptes(mm, store, start, nr, full, ops, items)
+        self._unfold_for_clear(store, start, nr, ops, items, expanded)
+        super().clear_full_ptes(mm, store, start, nr, full, ops, items, expanded)
 
     def ptep_get_and_clear(self, mm: Any, store: U64, idx: I64, ops: Ops, items: Any = None) -> U64:
         """Mirrors: arch/arm64/include/asm/pgtable.h ptep_get_and_clear: always unfold a

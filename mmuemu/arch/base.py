@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from mmuemu.runs import Rows, expand_runs
+from mmuemu.runs import Rows, Sel, expand_runs, sel_clear, sel_take
 
 if TYPE_CHECKING:
     from mmuemu.mm.work import Ops
@@ -328,29 +328,48 @@ class Arch:
     def _set_wrprotect(self, store: U64, flat: I64) -> None:
         store[flat] = self.pte_wrprotect(store[flat])
 
-    def get_and_clear_full_ptes(self, mm: Any, store: U64, start: I64, nr: I64, full: bool,
-                                ops: Ops, items: Any = None) -> U64:
+    def get_and_clear_full_ptes(self, mm: Any, store: U64, start: I64 | Rows | slice, nr: I64, full: bool,
+                                ops: Ops, items: Any = None, expanded: Sel | None = None) -> U64:
         """Mirrors: include/linux/pgtable.h get_and_clear_full_ptes.
 
         Returns, per run, the first entry with the dirty and young bits of all its entries
-        ORed in.
+        ORed in.  ``start`` may be whole :class:`~mmuemu.runs.Rows` or a slice of the store
+        when every run is one entry; ``expanded`` may pass the runs' entries (flat indices,
+        whole rows or a slice) when the caller has them.
         """
-        flat, off = expand_runs(start, nr)
-        old = store[flat]
-        store[flat] = 0
-        ops.add("pte_clears", nr, items)
-        if not (full and self.plain_clear_full):  # ptep_get_and_clear: an atomic exchange
-            ops.add("pte_atomics", nr, items)
+        off = None
+        if isinstance(start, Rows | slice):
+            sel: Sel = start
+        elif expanded is not None:
+            sel = expanded
+        else:
+            sel, off = expand_runs(start, nr)
+        old = sel_take(store, sel)
+        sel_clear(store, sel)
+        self._count_clears(nr, full, ops, items)
+        if len(old) == len(nr) and (isinstance(start, Rows | slice) or bool((nr == 1).all())):
+            return old  # every run one entry: nothing to gather
+        if off is None:
+            off = np.arange(len(old), dtype=np.int64) - np.repeat(np.cumsum(nr) - nr, nr)
         return self._gather_young_dirty(old, off, nr)
 
-    def clear_full_ptes(self, mm: Any, store: U64, start: I64, nr: I64, full: bool, ops: Ops,
-                        items: Any = None) -> None:
+    def clear_full_ptes(self, mm: Any, store: U64, start: I64 | Rows | slice, nr: I64, full: bool, ops: Ops,
+                        items: Any = None, expanded: Sel | None = None) -> None:
         """Mirrors: include/linux/pgtable.h clear_full_ptes (a loop of
-        ptep_get_and_clear_full)."""
-        flat, _ = expand_runs(start, nr)
-        store[flat] = 0
+        ptep_get_and_clear_full).  ``start`` and ``expanded`` as for
+        :meth:`get_and_clear_full_ptes`."""
+        if isinstance(start, Rows | slice):
+            sel: Sel = start
+        else:
+            sel = expanded if expanded is not None else expand_runs(start, nr)[0]
+        sel_clear(store, sel)
+        self._count_clears(nr, full, ops, items)
+
+    def _count_clears(self, nr: I64, full: bool, ops: Ops, items: Any) -> None:
+        """The clears of get_and_clear_full_ptes / clear_full_ptes: one per entry, each an
+        atomic exchange unless the mm is dying and the arch clears with a plain store."""
         ops.add("pte_clears", nr, items)
-        if not (full and self.plain_clear_full):
+        if not (full and self.plain_clear_full):  # ptep_get_and_clear: an atomic exchange
             ops.add("pte_atomics", nr, items)
 
     def _gather_young_dirty(self, old: U64, off: I64, nr: I64) -> U64:
