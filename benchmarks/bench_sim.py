@@ -5,7 +5,7 @@ Rows (medians of ``--repeat`` runs; machines are built and populated outside the
   S1. fork of 1 GiB order-0 (x86_64, batched) in a simulation with 4 concurrent tasks, one
       per CPU, each waking every ~1 ms to run 50 µs (the one on the forking CPU makes the
       fork break at checkpoints): wall of ``sim.run()`` against the wall of the same fork on
-      the instant runner, both on one machine, alternately (at least 21 pairs) ratio <= 1.5
+      the instant runner, both on one machine, alternately (at least 51 pairs) ratio <= 1.5
   S2. SimPy events (timed activities) of an uncontended fork of 1 GiB order-0, against the
       number of PTE tables copied (512)                                        ratio <= 1.0
   S3. access streams: one task, 2 million accesses over 256 MiB (random, 30% stores,
@@ -32,7 +32,7 @@ import mmuemu
 GiB = 1 << 30
 MiB = 1 << 20
 #: the least number of instant/SimPy pairs row S1 times
-S1_ROUNDS = 21
+S1_ROUNDS = 51
 
 
 def _fork_machine() -> tuple[mmuemu.Machine, mmuemu.Process]:
