@@ -70,7 +70,7 @@ MIB = 1 << 20
 PAGE = 4096
 PMD_SIZE = 2 << 20
 #: the least number of rounds of the linearity row (each round is one sample of every size)
-LINEARITY_ROUNDS = 11
+LINEARITY_ROUNDS = 31
 REPO = Path(__file__).resolve().parent.parent
 
 
