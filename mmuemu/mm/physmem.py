@@ -475,7 +475,11 @@ class PhysMem:
         """
         heads = np.asarray(heads, dtype=np.int64)
         self.scatter_add(self.refcount, heads, -np.asarray(nr, dtype=np.int64))
-        dead = heads[self.refcount[heads] == 0]
+        return self.free_dead(heads[self.refcount[heads] == 0])
+
+    def free_dead(self, dead: I64) -> NDArray[np.int8]:
+        """Free these folios, whose last reference is gone (a head may repeat); return the
+        orders of the folios freed."""
         if len(dead) > 1:
             dead = np.unique(dead)
         orders = self.order[dead]

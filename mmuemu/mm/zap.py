@@ -365,10 +365,4 @@ def _put_folios(ph: PhysMem, drops: Drops) -> NDArray[np.int8]:
     dead = [sl.start + np.flatnonzero(ph.refcount[sl] == 0) for sl in runs]
     if hs is not None:
         dead.append(hs[ph.refcount[hs] == 0])
-    gone = np.concatenate(dead) if len(dead) > 1 else dead[0]
-    if len(gone) > 1:
-        gone = np.unique(gone)
-    orders = ph.order[gone]
-    if len(gone):
-        ph.free_folios(gone)
-    return orders
+    return ph.free_dead(np.concatenate(dead) if len(dead) > 1 else dead[0])
