@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Rows", "Sel", "as_span", "expand_runs", "flat_index", "sel_clear", "sel_take", "sel_view"]
+__all__ = ["Rows", "Sel", "as_span", "expand_runs", "flat_index", "run_offsets", "sel_clear", "sel_take", "sel_view"]
 
 
 def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -18,9 +18,15 @@ def expand_runs(start: NDArray[np.int64], nr: NDArray[np.int64]) -> tuple[NDArra
     total = int(nr.sum())
     if total == len(nr) and bool((nr == 1).all()):  # all runs of length 1: the order-0 case
         return np.asarray(start, dtype=np.int64).copy(), np.zeros(total, dtype=np.int64)
-    ends = np.cumsum(nr)
-    offset = np.arange(total, dtype=np.int64) - np.repeat(ends - nr, nr)
+    offset = run_offsets(nr, total)
     return np.repeat(np.asarray(start, dtype=np.int64), nr) + offset, offset
+
+
+def run_offsets(nr: NDArray[np.int64], total: int | None = None) -> NDArray[np.int64]:
+    """Each entry's offset inside its run, for runs of ``nr`` entries laid end to end
+    (``total``: their sum, when the caller has it)."""
+    total = int(nr.sum()) if total is None else total
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(nr) - nr, nr)
 
 
 def as_span(idx: NDArray[np.integer]) -> slice | None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from mmuemu.runs import Rows, Sel, expand_runs, sel_clear, sel_take
+from mmuemu.runs import Rows, Sel, expand_runs, run_offsets, sel_clear, sel_take
 
 if TYPE_CHECKING:
     from mmuemu.mm.work import Ops
@@ -189,6 +189,27 @@ class Arch:
         entries of consecutive pages with identical bits differ by exactly this."""
         return _u(1 << self.page_shift)
 
+    def normal_pfn_run(self, vals: U64) -> int | None:
+        """The first PFN when the entries map consecutive normal pages, each entry the
+        previous one with the PFN advanced by one and nothing else changed (the usual range
+        after a fault-in or a fork: every test is then the first entry's); else None.  Scalar
+        tests first, then one vector test."""
+        m = len(vals)
+        if not m:
+            return None
+        unit = self.pte_pfn_unit
+        if m > 1 and int(vals[-1]) - int(vals[0]) != (m - 1) * int(unit):
+            return None
+        ends = vals[[0, m - 1]]
+        if not bool((self.pte_present(ends[:1]) & ~self.pte_special(ends[:1]))[0]):
+            return None
+        p0, p1 = self.pte_pfn(ends).tolist()
+        if p1 != p0 + m - 1:  # (a PFN stored inverted goes down)
+            return None
+        if m > 2 and not bool((vals[1:] - vals[:-1] == unit).all()):
+            return None
+        return int(p0)
+
     def pte_advance_pfn(self, pte: U64, nr: I64 | int) -> U64:
         """Mirrors: include/linux/pgtable.h pte_advance_pfn (``pte + (nr << PFN_PTE_SHIFT)``)."""
         return pte + (np.asarray(nr, dtype=np.uint64) << _u(self.page_shift))
@@ -350,7 +371,7 @@ class Arch:
         if len(old) == len(nr) and (isinstance(start, Rows | slice) or bool((nr == 1).all())):
             return old  # every run one entry: nothing to gather
         if off is None:
-            off = np.arange(len(old), dtype=np.int64) - np.repeat(np.cumsum(nr) - nr, nr)
+            off = run_offsets(nr, len(old))
         return self._gather_young_dirty(old, off, nr)
 
     def clear_full_ptes(self, mm: Any, store: U64, start: I64 | Rows | slice, nr: I64, full: bool, ops: Ops,

@@ -43,17 +43,11 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
     a, ph = k.arch, k.phys
     m = len(vals)
     # the usual case: each entry is the previous one with the PFN advanced by one
-    unit = a.pte_pfn_unit
-    step = None
-    if m > 1 and int(vals[-1]) - int(vals[0]) == (m - 1) * int(unit):
-        step = (vals[1:] - vals[:-1]) == unit
-    first = vals[:1]
-    if step is not None and bool(step.all()) and bool((a.pte_present(first) & ~a.pte_special(first))[0]):
-        # one progression of normal entries: every test is the first entry's
+    p0 = a.normal_pfn_run(vals) if m > 1 else None
+    if p0 is not None:  # one progression of normal entries: every test is the first entry's
         present = normal = np.ones(m, bool)
         special = np.zeros(m, bool)
         all_normal = True
-        p0 = int(a.pte_pfn(first)[0])
         pfn = np.arange(p0, p0 + m, dtype=np.int64)
         span: slice | None = slice(p0, p0 + m)
     else:
@@ -81,15 +75,14 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
         # vma_soft_dirty_enabled() is false (VM_SOFTDIRTY set)
         cont = np.zeros(m, bool)
         same = large[1:] & normal[1:] & (head[1:] == head[:-1])
-        if step is None:
-            step = (vals[1:] - vals[:-1]) == unit
-        if (same & ~step).any():  # entries differing in bits the batch may ignore
+        step = None if p0 is not None else (vals[1:] - vals[:-1]) == a.pte_pfn_unit  # (None: all one page)
+        if step is not None and (same & ~step).any():  # entries differing in bits the batch may ignore
             uniform = False
             bits = a.pte_batch_bits(vals, ignore_dirty=bool(src.flags & VmFlag.SHARED),
                                     ignore_soft_dirty=bool(src.flags & VmFlag.SOFTDIRTY))
             cont[1:] = same & (pfn[1:] == pfn[:-1] + 1) & (bits[1:] == bits[:-1])
         else:
-            cont[1:] = same & step
+            cont[1:] = same if step is None else same & step
         cont &= ~new_table
         if maybe_pinned is not None:
             # a batch holding an exclusive page of a maybe-pinned folio fails; every entry

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from mmuemu.runs import run_offsets
+
 __all__ = ["RESCHED_PROGRESS", "LazyCheckpoints", "checkpoint_count", "checkpoints"]
 
 RESCHED_PROGRESS = 32
@@ -88,7 +90,7 @@ def checkpoints(inc: I64 | int, sections: I64, n: int | None = None) -> I64:
         k = -(-RESCHED_PROGRESS // first[u])
         counts = (lens[u] - 1) // k
         sec = np.repeat(np.arange(len(u)), counts)
-        nth = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + 1
+        nth = run_offsets(counts) + 1
         out.append(bounds[u][sec] + nth * k[sec])
     m = np.flatnonzero(~uniform)
     if len(m):

@@ -29,7 +29,7 @@ from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
 from mmuemu.mm.pagetable import PageTables
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED, PhysMem
 from mmuemu.mm.work import ALL, Ops, Work
-from mmuemu.runs import Rows, Sel, expand_runs, flat_index
+from mmuemu.runs import Rows, Sel, as_span, expand_runs, flat_index
 
 __all__ = ["zap_range"]
 
@@ -129,13 +129,12 @@ class _Chunk:
 
     def __init__(self, pt: PageTables, rows: I64, first: I64, cnt: I64, n: int) -> None:
         self.rows, self.first, self.cnt = rows, first, cnt
-        t = len(rows)
         # only the range's first table can start late and only its last can end early
         self.whole = int(first[0]) == 0 and int(cnt[0]) == n and int(cnt[-1]) == n
         if self.whole:
-            r0 = int(rows[0])
-            if int(rows[-1]) - r0 == t - 1 and (t < 3 or bool((rows[1:] - rows[:-1] == 1).all())):
-                self.sel: Sel = slice(r0 * n, (r0 + t) * n)
+            span = as_span(rows)
+            if span is not None:
+                self.sel: Sel = slice(span.start * n, span.stop * n)
                 self.vals = pt.flat[self.sel]
             else:
                 self.sel = Rows(rows, n)
@@ -163,22 +162,12 @@ class _Chunk:
 
 def _normal_pages(a: Arch, vals: NDArray[np.uint64]) -> slice | I64 | None:
     """The pages the entries map, when every entry maps a normal page (None otherwise): as
-    a slice when each entry is the previous one with the PFN advanced by one (the usual
-    case, found with scalar tests and one vector test; the entries then differ in nothing
-    else), else as an array of PFNs."""
-    m = len(vals)
-    v0 = vals[:1]
-    if not m or not bool((a.pte_present(v0) & ~a.pte_special(v0))[0]):
-        return None
-    p0 = int(a.pte_pfn(v0)[0])
-    if m == 1:
-        return slice(p0, p0 + 1)
-    unit = a.pte_pfn_unit
-    if (int(vals[-1]) - int(vals[0]) == (m - 1) * int(unit)
-            and int(a.pte_pfn(vals[-1:])[0]) == p0 + m - 1  # (a PFN stored inverted goes down)
-            and bool((vals[1:] - vals[:-1] == unit).all())):
-        return slice(p0, p0 + m)
-    if not bool((a.pte_present(vals) & ~a.pte_special(vals)).all()):
+    a slice when they are one run (:meth:`~mmuemu.arch.base.Arch.normal_pfn_run`; the
+    entries then differ in nothing else), else as an array of PFNs."""
+    p0 = a.normal_pfn_run(vals)
+    if p0 is not None:
+        return slice(p0, p0 + len(vals))
+    if not len(vals) or not bool((a.pte_present(vals) & ~a.pte_special(vals)).all()):
         return None
     return a.pte_pfn(vals)
 
