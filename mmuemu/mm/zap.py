@@ -29,7 +29,7 @@ from mmuemu.mm.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Kernel, Mm
 from mmuemu.mm.pagetable import PageTables
 from mmuemu.mm.physmem import F_ANON, F_SWAPBACKED, PhysMem
 from mmuemu.mm.work import ALL, Ops, Work
-from mmuemu.runs import Rows, Sel, as_span, expand_runs, flat_index
+from mmuemu.runs import Rows, Sel, as_span, expand_runs, flat_index, sel_view
 
 __all__ = ["zap_range"]
 
@@ -133,15 +133,10 @@ class _Chunk:
         self.whole = int(first[0]) == 0 and int(cnt[0]) == n and int(cnt[-1]) == n
         if self.whole:
             span = as_span(rows)
-            if span is not None:
-                self.sel: Sel = slice(span.start * n, span.stop * n)
-                self.vals = pt.flat[self.sel]
-            else:
-                self.sel = Rows(rows, n)
-                self.vals = pt.entries[rows].ravel()
+            self.sel: Sel = Rows(rows, n) if span is None else slice(span.start * n, span.stop * n)
         else:
             self.sel = expand_runs(rows * n + first, cnt)[0]
-            self.vals = pt.flat[self.sel]
+        self.vals = sel_view(pt.flat, self.sel)
 
     def flat(self) -> I64:
         """The flat index of every entry."""
@@ -320,10 +315,7 @@ def _zap_ptes(k: Kernel, mm: Mm, idx: I64, vals: NDArray[np.uint64], mode: str, 
     # rss
     fl = ph.flags[h]
     anon = (fl & F_ANON) != 0
-    shm = ~anon & ((fl & F_SWAPBACKED) != 0)
-    mm.rss[MM_ANONPAGES] -= int(nr[ni][anon].sum())
-    mm.rss[MM_SHMEMPAGES] -= int(nr[ni][shm].sum())
-    mm.rss[MM_FILEPAGES] -= int(nr[ni][~anon & ~shm].sum())
+    _sub_rss(mm, fl, anon, int(np.count_nonzero(anon)), nr[ni])
     # references are dropped after the TLB flush (mmu_gather), one per gathered batch
     drops.append((h, nr[ni]))
     ops2.add("gather_entries", 1, ni)
