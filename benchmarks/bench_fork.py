@@ -213,7 +213,8 @@ def _median_wall(
     """Run `timed(state)` up to `repeat` times; return the wall times in ms and CPU medians.
 
     One untimed warm-up run comes first. Per run: `state = setup()` (untimed), then
-    `timed(state)` between two perf_counter reads, then
+    `timed(state)` between two perf_counter reads with the garbage collector off (as timeit
+    does; a gc.collect() just before would chill the caches, see linearity_rows), then
     `after(state, result)` (untimed). Stops early once `budget_s` seconds of timed work are spent
     (at least one run always happens). The CPU figures (getrusage just outside the timed
     region: user ms, sys ms, minor page faults) are diagnostics: a large sys share means the
@@ -228,12 +229,15 @@ def _median_wall(
     after(state, timed(state))
     for _ in range(repeat):
         state = setup()
-        gc.collect()
-        r0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0 = time.perf_counter()
-        res = timed(state)
-        t1 = time.perf_counter()
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        gc.disable()
+        try:
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            res = timed(state)
+            t1 = time.perf_counter()
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+        finally:
+            gc.enable()
         after(state, res)
         samples.append((t1 - t0) * 1e3)
         user.append((r1.ru_utime - r0.ru_utime) * 1e3)
@@ -496,10 +500,13 @@ def arm64_row(mmuemu: Any, repeat: int, budget: float) -> Row:
         for r in range(repeat):
             order = list(procs.items())
             for arch, (_m, p) in order[:: -1 if r % 2 else 1]:  # each goes first in turn
-                gc.collect()
-                t0 = time.perf_counter()
-                child = p.fork()
-                t1 = time.perf_counter()
+                gc.disable()  # (as in _median_wall)
+                try:
+                    t0 = time.perf_counter()
+                    child = p.fork()
+                    t1 = time.perf_counter()
+                finally:
+                    gc.enable()
                 child.exit()
                 samples[arch].append((t1 - t0) * 1e3)
                 spent += t1 - t0
