@@ -48,7 +48,7 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
         present = normal = np.ones(m, bool)
         special = np.zeros(m, bool)
         all_normal = True
-        pfn = np.arange(p0, p0 + m, dtype=np.int64)
+        pfn: I64 | None = None  # (made from ``span`` only where an array is needed)
         span: slice | None = slice(p0, p0 + m)
     else:
         present = a.pte_present(vals)
@@ -80,6 +80,7 @@ def plan_ptes(k: Kernel, parent: Mm, src: Vma, dst: Vma, mode: str, vals: NDArra
             uniform = False
             bits = a.pte_batch_bits(vals, ignore_dirty=bool(src.flags & VmFlag.SHARED),
                                     ignore_soft_dirty=bool(src.flags & VmFlag.SOFTDIRTY))
+            assert pfn is not None  # (step is None when the entries are one run)
             cont[1:] = same & (pfn[1:] == pfn[:-1] + 1) & (bits[1:] == bits[:-1])
         else:
             cont[1:] = same if step is None else same & step
@@ -137,7 +138,7 @@ class Entries:
     vals: NDArray[np.uint64]
     normal: B
     special: B
-    pfn: I64
+    pfn: I64 | None  # None when ``span`` says it: see :meth:`pfns`
     head: NDArray[np.int32]
     large: B
     ae: B
@@ -145,6 +146,14 @@ class Entries:
     new_table: B
     span: slice | None  # ``pfn`` as a slice when it is one run of consecutive pages
     all_normal: bool  # every entry maps a normal page
+
+    def pfns(self) -> I64:
+        """Each entry's PFN as an array (for one run, made only when asked: 8 bytes an
+        entry that the usual fork never needs)."""
+        if self.pfn is not None:
+            return self.pfn
+        assert self.span is not None
+        return np.arange(self.span.start, self.span.stop, dtype=np.int64)
 
 
 def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: Entries,
@@ -219,7 +228,9 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
         return x if dense else x[ent]
 
     ent_n = ent if all_norm else ent[norm_ent]
-    pfn_n = e.pfn if dense else e.pfn[ent_n]
+    span = e.span if dense else None  # the pages duplicated are one physical run
+    pfn_n = None if span is not None else e.pfns() if dense else e.pfns()[ent_n]  # (None: span)
+    n_dup = len(ent_n) if not dense else m  # pages duplicated
 
     def offsets() -> I64:
         """Each item's first position among the duplicated entries."""
@@ -233,7 +244,6 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     h_items = e.head if dense and singles else e.head[ni_first]
     lg = e.large if dense and singles else e.large[ni_first]
     ni_nr = d_nr if all_norm else (np.ones(len(ni), np.int64) if nr is None else nr[ni])
-    span = e.span if dense else None  # the pages duplicated are one physical run
     if lg.any():
         if bool(lg.all()) and (len(h_items) < 2 or bool((h_items[1:] > h_items[:-1]).all())):
             add = ni_nr.astype(np.int32)  # one batch per folio here: plain adds
@@ -248,7 +258,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     else:
         ph.refcount[h_items] += 1
     # mapcount: one atomic per page (v6.9)
-    ph.mapcount[span if span is not None else pfn_n] += 1
+    ph.mapcount[span if pfn_n is None else pfn_n] += 1
     if dense and singles:
         ops.add_each("folio_ref_ops")
         ops.add_each("mapcount_ops")
@@ -265,13 +275,13 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
             ops.add("anon_exclusive_clears", np.add.reduceat(E(e.ae).astype(np.int64), offsets()),
                     ALL if every else di)
         # last: with ``span``, e.ae is a view of the array cleared here
-        ph.anon_exclusive[span if span is not None else pfn_n[ae_n]] = False
+        ph.anon_exclusive[span if pfn_n is None else pfn_n[ae_n]] = False
     # rss of the child
     anon_n = e.anon if dense else e.anon[ent_n]
     n_anon = int(np.count_nonzero(anon_n))
     child.rss[MM_ANONPAGES] += n_anon
-    if n_anon < len(pfn_n):
-        shm = (ph.flags[ph.head[pfn_n[~anon_n]]] & F_SWAPBACKED) != 0
+    if n_anon < n_dup:
+        shm = (ph.flags[ph.head[(e.pfns() if pfn_n is None else pfn_n)[~anon_n]]] & F_SWAPBACKED) != 0
         child.rss[MM_SHMEMPAGES] += int(shm.sum())
         child.rss[MM_FILEPAGES] += int((~shm).sum())
 
@@ -324,7 +334,7 @@ def _commit(k: Kernel, parent: Mm, child: Mm, src: Vma, dst: Vma, mode: str, e: 
     if is_copy is not None and is_copy.any():
         ci = is_copy.nonzero()[0]
         ce = at(np.arange(m))[ci]
-        ph.token[copy_pages] = ph.token[e.pfn[ce]]
+        ph.token[copy_pages] = ph.token[e.pfns()[ce]]
         ph.mapcount[copy_pages] = 1
         ph.anon_exclusive[copy_pages] = True
         cp = a.pte_mkdirty(a.pfn_pte(copy_pages, dst.page_prot(a)))
