@@ -38,7 +38,7 @@ __all__ = ["FORK_MODES", "dup_mmap"]
 
 FORK_MODES = ("batched", "legacy")
 #: page tables planned and committed together: 256 MiB of address space, whose temporaries
-#: peak near 3 MiB (each chunk is one Work, so fewer chunks mean fewer runner events)
+#: peak near 2.5 MiB (each chunk is one Work, so fewer chunks mean fewer runner events)
 CHUNK_SLOTS = 128
 I64 = NDArray[np.int64]
 B = NDArray[np.bool_]
