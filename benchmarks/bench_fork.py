@@ -636,7 +636,16 @@ def linearity_rows(
             spreads.append(max(ns_i) / min(ns_i))
         lo, hi = min(per_pte.values()), max(per_pte.values())
         summary.metric = hi / lo  # (a single round's spread is biased up by its noise)
-        summary.note = ("ns/PTE (medians): " + ", ".join(f"{g} GiB {v:.1f}" for g, v in per_pte.items())
+
+        def ratio_of(part: slice) -> float:
+            med = [statistics.median(samples[g][part]) / (g * GIB // PAGE) for g in ok]
+            return max(med) / min(med)
+
+        # the same figure over each half of the rounds: how far the host's load moved it
+        half = rounds // 2
+        halves = f"{ratio_of(slice(0, half)):.3f}, {ratio_of(slice(half, rounds)):.3f}" if half else "-"
+        summary.note = ("ns/PTE (medians): " + ", ".join(f"{g} GiB {v:.2f}" for g, v in per_pte.items())
+                        + f"; max/min over the first and the second half of the rounds: {halves}"
                         + "; per-round max/min " + ", ".join(f"{x:.2f}" for x in spreads))
         if len(per_pte) < len(sizes_gib):
             summary.note += " (some sizes failed, see their rows)"
