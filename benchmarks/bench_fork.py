@@ -50,263 +50,39 @@ import argparse
 import contextlib
 import gc
 import json
-import mmap
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import textwrap
 import time
-import traceback
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-GIB = 1 << 30
-MIB = 1 << 20
-PAGE = 4096
-PMD_SIZE = 2 << 20
-#: the least number of rounds of the linearity row (each round is one sample of every size).
-#: The host is shared: in a loaded stretch one size's median over 31 rounds moved by up to 10%
-#: between the two halves of a run, which alone decides a 20% max/min; 61 rounds (about 25 s)
-#: halve that stretch's weight.
-LINEARITY_ROUNDS = 61
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (benchlib, linearity: run as a script)
 
-
-# --------------------------------------------------------------------------------------------
-# results
-
-
-@dataclass
-class Row:
-    key: str  # "1".."9", or "8@4GiB" for a linearity point
-    name: str
-    emu: float | None = None  # emulator figure (ms, or the row's unit)
-    kernel: float | None = None  # kernel figure (ms)
-    metric: float | None = None  # the figure compared with the target
-    target: float | None = None  # metric <= target passes
-    unit: str = "ms"
-    status: str = "INFO"  # PASS, FAIL, INFO, ERROR, SKIP
-    runs: int = 0
-    note: str = ""
-    samples: list[float] = field(default_factory=list)
-    cpu: dict[str, float] = field(default_factory=dict)
-
-    def judge(self) -> None:
-        if self.status in ("ERROR", "SKIP"):
-            return
-        if self.target is None or self.metric is None:
-            self.status = "INFO"
-        else:
-            self.status = "PASS" if self.metric <= self.target else "FAIL"
-
-
-def _fmt(x: float | None, digits: int = 2) -> str:
-    if x is None:
-        return "-"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}f}"
-
-
-def print_table(rows: list[Row], kernel: dict[str, Any]) -> None:
-    head = ("row", "emulator", "kernel", "ratio", "target", "result")
-    body = []
-    for r in rows:
-        emu = _fmt(r.emu) + ("" if r.emu is None else f" {r.unit}")
-        ker = _fmt(r.kernel) + ("" if r.kernel is None else " ms")
-        metric = _fmt(r.metric, 3)
-        target = "-" if r.target is None else f"<= {r.target:g}"
-        body.append((f"{r.key}. {r.name}", emu, ker, metric, target, r.status))
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-
-    def line(cells: tuple[str, ...]) -> str:
-        out = [cells[0].ljust(widths[0])]
-        out += [c.rjust(w) for c, w in zip(cells[1:5], widths[1:5], strict=True)]
-        out.append(cells[5].ljust(widths[5]))
-        return "  ".join(out).rstrip()
-
-    print()
-    print(f"kernel {platform.release()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    for k, v in kernel.items():
-        if isinstance(v, dict) and "median_ms" in v:
-            thp = v.get("anon_huge_kib")
-            extra = "" if thp is None else f", AnonHugePages {thp // 1024} MiB"
-            print(
-                f"kernel baseline {k}: median {v['median_ms']:.3f} ms over {v['runs']} forks{extra}"
-            )
-    print()
-    print(line(head))
-    print(line(tuple("-" * w for w in widths)))  # type: ignore[arg-type]
-    for b in body:
-        print(line(b))
-    notes = [r for r in rows if r.note]
-    if notes:
-        print()
-        for r in notes:
-            print(f"  [{r.key}] {r.note}")
-    print()
-
+from benchlib import (
+    GIB,
+    MIB,
+    PAGE,
+    PMD_SIZE,
+    REPO,
+    Row,
+    build,
+    collector_off,
+    cpu_note,
+    describe,
+    err,
+    kernel_fork,
+    median_wall,
+    print_table,
+)
+from linearity import linearity_rows
 
 # --------------------------------------------------------------------------------------------
-# kernel baseline
-
-
-def _anon_huge_kib() -> int | None:
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for ln in f:
-                if ln.startswith("AnonHugePages:"):
-                    return int(ln.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def kernel_fork(size: int, huge: bool, repeat: int) -> dict[str, Any]:
-    """Time os.fork() of this process with `size` bytes of populated anonymous memory."""
-    advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
-    if advice is None:
-        raise OSError("mmap.MADV_%sHUGEPAGE not available here" % ("" if huge else "NO"))
-    buf = mmap.mmap(
-        -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE
-    )
-    try:
-        buf.madvise(advice)
-        for off in range(0, size, PAGE):
-            buf[off] = 1
-        thp = _anon_huge_kib()
-        samples: list[int] = []
-        for _ in range(repeat):
-            gc.collect()
-            t0 = time.perf_counter_ns()
-            pid = os.fork()
-            if pid == 0:
-                os._exit(0)
-            t1 = time.perf_counter_ns()
-            os.waitpid(pid, 0)
-            samples.append(t1 - t0)
-    finally:
-        buf.close()
-    return {
-        "size": size,
-        "huge": huge,
-        "runs": len(samples),
-        "samples_ms": [s / 1e6 for s in samples],
-        "median_ms": statistics.median(samples) / 1e6,
-        "anon_huge_kib": thp,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# emulator helpers
-
-
-def _median_wall(
-    setup: Callable[[], Any],
-    timed: Callable[[Any], Any],
-    after: Callable[[Any, Any], None],
-    repeat: int,
-    budget_s: float,
-) -> tuple[list[float], dict[str, float]]:
-    """Run `timed(state)` up to `repeat` times; return the wall times in ms and CPU medians.
-
-    One untimed warm-up run comes first. Per run: `state = setup()` (untimed), then
-    `timed(state)` between two perf_counter reads with the garbage collector off (as timeit
-    does; a gc.collect() just before would chill the caches, see linearity_rows), then
-    `after(state, result)` (untimed). Stops early once `budget_s` seconds of timed work are spent
-    (at least one run always happens). The CPU figures (getrusage just outside the timed
-    region: user ms, sys ms, minor page faults) are diagnostics: a large sys share means the
-    emulator's time goes into the host kernel faulting in fresh memory.
-    """
-    samples: list[float] = []
-    user: list[float] = []
-    sys_: list[float] = []
-    minflt: list[float] = []
-    spent = 0.0
-    state = setup()  # one untimed warm-up run: the first fork also grows the table pool
-    after(state, timed(state))
-    for _ in range(repeat):
-        state = setup()
-        gc.disable()
-        try:
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.perf_counter()
-            res = timed(state)
-            t1 = time.perf_counter()
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-        finally:
-            gc.enable()
-        after(state, res)
-        samples.append((t1 - t0) * 1e3)
-        user.append((r1.ru_utime - r0.ru_utime) * 1e3)
-        sys_.append((r1.ru_stime - r0.ru_stime) * 1e3)
-        minflt.append(float(r1.ru_minflt - r0.ru_minflt))
-        spent += t1 - t0
-        if spent > budget_s:
-            break
-    cpu = {
-        "user_ms": statistics.median(user),
-        "sys_ms": statistics.median(sys_),
-        "minflt": statistics.median(minflt),
-    }
-    return samples, cpu
-
-
-def _cpu_note(cpu: dict[str, float]) -> str:
-    return "cpu user {:.1f} ms, sys {:.1f} ms, {:.0f} minor faults (medians)".format(
-        cpu["user_ms"], cpu["sys_ms"], cpu["minflt"]
-    )
-
-
-def _build(
-    mmuemu: Any,
-    size: int,
-    orders: list[int],
-    *,
-    huge: bool = False,
-    split: bool = False,
-    fork_mode: str = "batched",
-    memory: str | None = None,
-    populate: bool = True,
-) -> tuple[Any, Any, int]:
-    mem = memory or f"{max(4, size // GIB + 2)}GiB"
-    m = mmuemu.Machine(arch="x86_64", memory=mem, fork_mode=fork_mode)
-    p = m.spawn()
-    p.set_folio_orders(orders)
-    a = p.mmap(size, prot="rw", align=PMD_SIZE)
-    if huge:
-        p.madvise(a, size, "hugepage")
-    if populate:
-        p.populate(a, size, write=True)
-    if split:
-        p.split_huge_pmd(a, size)
-    return m, p, a
-
-
-def _describe(p: Any, a: int) -> str:
-    """A one-line check of what the populated memory looks like (folio order, PTE), best effort."""
-    try:
-        f = p.folio(a)
-        t = p.pte(a)
-        return f"folio order {f.order}, pte present={t.present} write={t.write}"
-    except Exception as e:
-        return f"(folio/pte check failed: {type(e).__name__}: {e})"
-
-
-def _err(row: Row, e: BaseException) -> Row:
-    row.status = "ERROR"
-    tb = traceback.extract_tb(e.__traceback__)
-    where = ""
-    if tb:
-        fr = tb[-1]
-        where = f" at {Path(fr.filename).name}:{fr.lineno}"
-    row.note = f"{type(e).__name__}: {e}{where}"
-    return row
+# rows
 
 
 def fork_row(
@@ -328,7 +104,7 @@ def fork_row(
     row = Row(key, name, kernel=kernel_ms, target=target)
     keep: dict[str, Any] = {}  # the machine lives here so that it can be dropped in `finally`
     try:
-        m, p, a = _build(
+        m, p, a = build(
             mmuemu,
             size,
             orders if orders is not None else [0],
@@ -339,7 +115,7 @@ def fork_row(
         )
         keep.update(m=m, p=p)
         del m
-        desc = _describe(p, a)
+        desc = describe(p, a)
 
         def setup() -> Any:
             return keep["p"]
@@ -350,16 +126,16 @@ def fork_row(
         def after(_proc: Any, child: Any) -> None:
             child.exit()
 
-        samples, row.cpu = _median_wall(setup, timed, after, repeat, budget)
+        samples, row.cpu = median_wall(setup, timed, after, repeat, budget)
         row.samples = samples
         row.runs = len(samples)
         row.emu = statistics.median(samples)
         if kernel_ms:
             row.metric = row.emu / kernel_ms
-        row.note = (desc + "; " if key in ("3", "4", "5") else "") + _cpu_note(row.cpu)
+        row.note = (desc + "; " if key in ("3", "4", "5") else "") + cpu_note(row.cpu)
         row.judge()
     except Exception as e:
-        _err(row, e)
+        err(row, e)
     finally:
         keep.clear()
         gc.collect()
@@ -374,7 +150,7 @@ def populate_row(mmuemu: Any, kernel_ms: float | None, repeat: int, budget: floa
         def setup() -> tuple[Any, int]:
             holder.clear()
             gc.collect()
-            m, p, a = _build(mmuemu, GIB, [0], memory="4GiB", populate=False)
+            m, p, a = build(mmuemu, GIB, [0], memory="4GiB", populate=False)
             holder["m"] = m
             return p, a
 
@@ -382,8 +158,8 @@ def populate_row(mmuemu: Any, kernel_ms: float | None, repeat: int, budget: floa
             p, a = st
             p.populate(a, GIB, write=True)
 
-        samples, row.cpu = _median_wall(setup, timed, lambda _s, _r: None, repeat, budget)
-        row.note = _cpu_note(row.cpu)
+        samples, row.cpu = median_wall(setup, timed, lambda _s, _r: None, repeat, budget)
+        row.note = cpu_note(row.cpu)
         holder.clear()
         row.samples = samples
         row.runs = len(samples)
@@ -392,7 +168,7 @@ def populate_row(mmuemu: Any, kernel_ms: float | None, repeat: int, budget: floa
             row.metric = row.emu / kernel_ms
         row.judge()
     except Exception as e:
-        _err(row, e)
+        err(row, e)
     finally:
         gc.collect()
     return row
@@ -479,7 +255,7 @@ def memory_row(timeout: float) -> Row:
         row.runs = 1
         row.judge()
     except Exception as e:
-        _err(row, e)
+        err(row, e)
     return row
 
 
@@ -503,13 +279,10 @@ def arm64_row(mmuemu: Any, repeat: int, budget: float) -> Row:
         for r in range(repeat):
             order = list(procs.items())
             for arch, (_m, p) in order[:: -1 if r % 2 else 1]:  # each goes first in turn
-                gc.disable()  # (as in _median_wall)
-                try:
+                with collector_off():
                     t0 = time.perf_counter()
                     child = p.fork()
                     t1 = time.perf_counter()
-                finally:
-                    gc.enable()
                 child.exit()
                 samples[arch].append((t1 - t0) * 1e3)
                 spent += t1 - t0
@@ -522,139 +295,10 @@ def arm64_row(mmuemu: Any, repeat: int, budget: float) -> Row:
         row.note = f"arm64 contpte {arm:.2f} ms, x86_64 {x86:.2f} ms (medians of {row.runs} rounds)"
         row.judge()
     except Exception as e:
-        _err(row, e)
+        err(row, e)
     finally:
         gc.collect()
     return row
-
-
-def linearity_rows(
-    mmuemu: Any, sizes_gib: list[int], repeat: int, budget: float, kernel_ms: float | None
-) -> list[Row]:
-    """Fork time per PTE at each size. All sizes are built first and then forked in rounds,
-    so that a change in the host's load during the run falls on every size alike instead of
-    on whichever size was being measured.  Each timed sample follows an untimed fork of the
-    same process: after another size's fork the host's caches hold that size's data, which
-    costs the next fork about 1.3 ms (measured: 1 GiB after an 8 GiB fork 7.2 ms, after its
-    own 6.0 ms), a fixed cost that would count against the small sizes only.
-
-    A sample of a size below the largest times ``largest // size`` forks of it back to back
-    (the children live until the sample ends, then exit untimed) and divides by their number,
-    so that every sample spans the same wall time.  The host is shared: load from other
-    tenants comes in bursts of a few milliseconds, which swallow a whole 5 ms fork of 1 GiB
-    but only part of an 80 ms fork of 16 GiB, so single-fork samples of the small sizes
-    spread far wider (measured: 1 GiB 15.7-24.7 ns/PTE over 7 rounds, 16 GiB 12.2-17.5) and
-    their medians drift up with the load.  Each fork still pays its own fixed costs; the
-    single-fork medians are shown too."""
-    rows: list[Row] = []
-    per_pte: dict[int, float] = {}
-    built: dict[int, Any] = {}
-    samples: dict[int, list[float]] = {g: [] for g in sizes_gib}
-    cpu: dict[int, list[tuple[float, float, float]]] = {g: [] for g in sizes_gib}
-    errors: dict[int, Exception] = {}
-    for g in sizes_gib:
-        try:
-            m, p, _ = _build(mmuemu, g * GIB, [0], memory=f"{g + 2}GiB")
-            p.fork().exit()  # untimed warm-up: the first fork also clears AnonExclusive
-            built[g] = (m, p)
-        except Exception as e:
-            errors[g] = e
-    largest = max(built, default=1)
-    group = {g: max(1, largest // g) for g in sizes_gib}  # forks per sample
-    single: dict[int, list[float]] = {g: [] for g in sizes_gib}
-    spent = 0.0
-    for _ in range(max(repeat, LINEARITY_ROUNDS)):
-        for g, (_m, p) in built.items():
-            # untimed: one fork of the same size just before, as rows 1-5 fork back to back,
-            # so each size starts with its own data in the host caches, not another size's.
-            # The collection comes first and the collector is off while timing, as timeit
-            # does: a gc.collect() between the warm-up and the timed forks walks every object
-            # and chills the caches again (the next fork of 4 KiB took 561 us, 195 us warm)
-            gc.collect()
-            p.fork().exit()
-            forks = group[g]
-            children: list[Any] = []
-            gc.disable()
-            try:
-                r0 = resource.getrusage(resource.RUSAGE_SELF)
-                t0 = time.perf_counter()
-                children.append(p.fork())
-                t_first = time.perf_counter()
-                children.extend(p.fork() for _ in range(forks - 1))
-                t1 = time.perf_counter()
-                r1 = resource.getrusage(resource.RUSAGE_SELF)
-            finally:
-                gc.enable()
-            for child in children:
-                child.exit()
-            samples[g].append((t1 - t0) * 1e3 / forks)
-            single[g].append((t_first - t0) * 1e3)
-            cpu[g].append(((r1.ru_utime - r0.ru_utime) * 1e3 / forks,
-                           (r1.ru_stime - r0.ru_stime) * 1e3 / forks,
-                           float(r1.ru_minflt - r0.ru_minflt) / forks))
-            spent += t1 - t0
-        if spent > budget * max(1, len(built)):
-            break
-    built.clear()
-    gc.collect()
-    for g in sizes_gib:
-        size = g * GIB
-        r = Row(f"8@{g}GiB", f"fork {g} GiB order-0 (ns/PTE in ratio col)")
-        if g in errors:
-            _err(r, errors[g])
-        else:
-            r.samples = samples[g]
-            r.runs = len(samples[g])
-            r.emu = statistics.median(samples[g])
-            r.cpu = {k: statistics.median(c[i] for c in cpu[g])
-                     for i, k in enumerate(("user_ms", "sys_ms", "minflt"))}
-            r.note = _cpu_note(r.cpu) + (
-                f"; per fork, {group[g]} forks a sample; the first fork of each sample: "
-                f"median {statistics.median(single[g]):.2f} ms"
-            )
-            ns = r.emu * 1e6 / (size // PAGE)
-            per_pte[g] = ns
-            r.metric = ns
-            r.status = "INFO"
-        if g == 1 and kernel_ms is not None:
-            r.kernel = kernel_ms
-        rows.append(r)
-    summary = Row(
-        "8",
-        "linearity max/min ns/PTE over " + ",".join(f"{g}" for g in sizes_gib) + " GiB",
-        unit="",
-        target=1.2,
-    )
-    if len(per_pte) >= 2:
-        # sizes are forked in rounds, so a drift in host load falls on all of them alike;
-        # the spread within each round is shown too
-        ok = [g for g in sizes_gib if g in per_pte]
-        rounds = min(len(samples[g]) for g in ok)
-        spreads = []
-        for i in range(rounds):
-            ns_i = [samples[g][i] * 1e6 / (g * GIB // PAGE) for g in ok]
-            spreads.append(max(ns_i) / min(ns_i))
-        lo, hi = min(per_pte.values()), max(per_pte.values())
-        summary.metric = hi / lo  # (a single round's spread is biased up by its noise)
-
-        def ratio_of(part: slice) -> float:
-            med = [statistics.median(samples[g][part]) / (g * GIB // PAGE) for g in ok]
-            return max(med) / min(med)
-
-        # the same figure over each half of the rounds: how far the host's load moved it
-        half = rounds // 2
-        halves = f"{ratio_of(slice(0, half)):.3f}, {ratio_of(slice(half, rounds)):.3f}" if half else "-"
-        summary.note = ("ns/PTE (medians): " + ", ".join(f"{g} GiB {v:.2f}" for g, v in per_pte.items())
-                        + f"; max/min over the first and the second half of the rounds: {halves}"
-                        + "; per-round max/min " + ", ".join(f"{x:.2f}" for x in spreads))
-        if len(per_pte) < len(sizes_gib):
-            summary.note += " (some sizes failed, see their rows)"
-        summary.judge()
-    else:
-        summary.status = "ERROR" if any(r.status == "ERROR" for r in rows) else "SKIP"
-        summary.note = "fewer than two sizes measured"
-    rows.append(summary)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
         mmuemu.Machine  # noqa: B018  (fail here, once, if the package is not ready)
     except Exception as e:
-        r = _err(Row("-", "import mmuemu"), e)
+        r = err(Row("-", "import mmuemu"), e)
         rows.append(r)
         mmuemu = None
 
