@@ -48,7 +48,9 @@ class PageTables:
     entries: NDArray[np.uint64] = field(init=False)
     row_pfn: I64 = field(init=False)
     row_level: NDArray[np.int8] = field(init=False)
-    #: a stack of free rows (the top, ``free_rows[nr_free_rows - 1]``, is taken first)
+    #: a stack of free rows (the top, ``free_rows[nr_free_rows - 1]``, is taken first);
+    #: rows go onto it highest first, so tables freed together come back together in
+    #: ascending row order (see :meth:`free`)
     free_rows: I64 = field(init=False, factory=lambda: np.zeros(0, np.int64))
     nr_free_rows: int = field(init=False, default=0)
     #: rows below this have been used (above it the pool was never written)
@@ -124,7 +126,16 @@ class PageTables:
         return row
 
     def free(self, rows: I64) -> None:
-        """Mirrors: pte_free / pmd_free: give table pages back (they must be empty)."""
+        """Mirrors: pte_free / pmd_free: give table pages back (they must be empty).
+
+        The rows are pushed highest first, so that the next allocation of as many tables
+        pops them lowest first: an exited child's tables come back to the next child as
+        consecutive rows in address order.  Which row holds a table is not kernel
+        semantics, but it decides the order the host writes a child's tables in: pushed
+        as given, every other fork got its rows in descending order.  Measured on 1 GiB
+        forks of 16 parents whose data had gone cold, paired with the old order in one
+        process: 0.87-0.97 of the old time in four runs (an identical-code control read
+        0.97-1.08 on the same, noisy, host)."""
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return
@@ -132,7 +143,7 @@ class PageTables:
         self.pfn_row[pfns] = 0
         self.row_level[rows] = -1
         top = self.nr_free_rows
-        self.free_rows[top : top + len(rows)] = rows
+        self.free_rows[top : top + len(rows)] = np.sort(rows)[::-1]
         self.nr_free_rows = top + len(rows)
         self.phys.ref_sub_and_free(pfns, 1)
 
