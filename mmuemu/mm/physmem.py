@@ -417,7 +417,10 @@ class PhysMem:
             self._init_page(int(heads[0]), flags)
             return heads
         nr = 1 << order
-        if len(heads) and (len(heads) == 1 or bool((np.diff(heads) == nr).all())):
+        # one run?  From the top the blocks come in address order (see _alloc_top), so their
+        # ends say it; otherwise every step is checked
+        if len(heads) and (len(heads) == 1 or (int(heads[-1]) - int(heads[0]) == (n - 1) * nr if top
+                                               else bool((np.diff(heads) == nr).all()))):
             # one physically contiguous run (the usual bulk case): slices, not scatters
             lo, hi = int(heads[0]), int(heads[-1]) + nr
             pages: slice | I64 = slice(lo, hi)
