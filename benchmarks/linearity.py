@@ -26,12 +26,13 @@ LINEARITY_ROUNDS = 121
 def linearity_rows(
     mmuemu: Any, sizes_gib: list[int], repeat: int, budget: float, kernel_ms: float | None
 ) -> list[Row]:
-    """Fork time per PTE at each size. All sizes are built first and then forked in rounds,
-    so that a change in the host's load during the run falls on every size alike instead of
-    on whichever size was being measured.  Each timed sample follows an untimed fork of the
-    same process: after another size's fork the host's caches hold that size's data, which
-    costs the next fork about 1.3 ms (measured: 1 GiB after an 8 GiB fork 7.2 ms, after its
-    own 6.0 ms), a fixed cost that would count against the small sizes only.
+    """Fork time per PTE at each size. All sizes are built first and then forked in rounds
+    (in turn smallest and largest first), so that a change in the host's load during the run
+    falls on every size alike instead of on whichever size was being measured.  Each timed
+    sample follows an untimed fork of the same process: after another size's fork the host's
+    caches hold that size's data, which costs the next fork about 1.3 ms (measured: 1 GiB
+    after an 8 GiB fork 7.2 ms, after its own 6.0 ms), a fixed cost that would count against
+    the small sizes only.
 
     A sample of a size below the largest times ``largest // size`` forks of it back to back
     (the children live until the sample ends, then exit untimed) and divides by their number,
@@ -58,8 +59,11 @@ def linearity_rows(
     group = {g: max(1, largest // g) for g in sizes_gib}  # forks per sample
     single: dict[int, list[float]] = {g: [] for g in sizes_gib}
     spent = 0.0
-    for _ in range(max(repeat, LINEARITY_ROUNDS)):
-        for g, (_m, p) in built.items():
+    order = list(built.items())
+    for rnd in range(max(repeat, LINEARITY_ROUNDS)):
+        # smallest first in even rounds, largest first in odd ones: no size always follows
+        # the same other size, or always comes first after the previous round's exits
+        for g, (_m, p) in order[:: -1 if rnd % 2 else 1]:
             # untimed: one fork of the same size just before, as rows 1-5 fork back to back,
             # so each size starts with its own data in the host caches, not another size's.
             # The collection comes before the warm-up, and none while timing (collector_off)
