@@ -133,10 +133,9 @@ class PageTables:
         in ascending row order (those of several calls, call by call).  Which row holds a
         table is not kernel semantics, but it decides the order the host writes a child's
         tables in: pushed as given, every other fork got its rows in descending order.
-        Measured on 1 GiB
-        forks of 16 parents whose data had gone cold, paired with the old order in one
-        process: 0.87-0.97 of the old time in four runs (an identical-code control read
-        0.97-1.08 on the same, noisy, host)."""
+        Measured on 1 GiB forks of 16 parents whose data had gone cold, paired with the old
+        order in one process: 0.87-0.97 of the old time in four runs (an identical-code
+        control read 0.97-1.08 on the same, noisy, host)."""
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return
